@@ -1,0 +1,1 @@
+"""The benchmark: registries, configs, jobs, runner, launchers, metrics, results and leaderboards."""

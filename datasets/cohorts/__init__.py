@@ -1,0 +1,1 @@
+"""Cohort adapters. Importing this package registers every cohort in `benchmark.registry.DATASETS`."""
