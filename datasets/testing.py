@@ -75,6 +75,7 @@ def write_pyramidal_tiff(
                 photometric="rgb",
                 compression="jpeg",
                 compressionargs={"level": 95},
+                subsampling=(1, 1),  # no chroma subsampling: tissue edges stay where the image puts them
                 subfiletype=0 if index == 0 else 1,
                 description=description if index == 0 else None,
                 metadata=None,
