@@ -30,6 +30,7 @@ from datasets.slides import WSI, SlideError
 from datasets.tissue import TISSUE_PRESETS, Tissue, TissueParams, segment_tissue, write_thumbnail
 
 PRODUCTS = ("tissue", "patches", "lowres")
+STAGES = ("open", *PRODUCTS)  # in the order a slide goes through them
 # Bump when the algorithm behind a product changes, so cached products made by the old one are not reused.
 PRODUCT_VERSION = 1
 
@@ -207,6 +208,7 @@ def preprocess_slides(
     try:
         for result in _run(jobs, workers, progress):
             if result.products is None:
+                quarantine.discard(result.slide_id, STAGES[: STAGES.index(result.stage)])  # passed those now
                 quarantine.add(result.slide_id, result.stage, result.reason)
             else:
                 done[result.slide_id] = result.products

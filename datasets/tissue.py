@@ -176,11 +176,13 @@ def segment_tissue(wsi: WSI, params: TissueParams = TissueParams()) -> tuple[Tis
     Raises SlideError (stage 'tissue') when no tissue piece passes the filters.
     """
     image, level, scale = segmentation_image(wsi, params.seg_downsample)
-    contours, holes = filter_contours(tissue_binary(image, params), scale, params)
+    binary = tissue_binary(image, params)
+    contours, holes = filter_contours(binary, scale, params)
     if not contours:
-        raise SlideError(f"no tissue found (saturation > {'Otsu' if params.use_otsu else params.sthresh}, "
-                         f"pieces > a_t={params.a_t:g}); check the slide or use a smaller a_t (preset 'tcga')",
-                         stage="tissue", slide=wsi.slide_id)
+        threshold = "Otsu's threshold" if params.use_otsu else f"saturation > {params.sthresh}"
+        found = ("only pieces smaller than a_t" if binary.any() else f"no pixel with {threshold}")
+        raise SlideError(f"no tissue found ({found}, a_t={params.a_t:g} patches of {params.ref_patch_size} level-0 px); "
+                         "check the slide, or lower TissueParams.a_t / sthresh", stage="tissue", slide=wsi.slide_id)
     to_level0 = np.array(scale)
     # CLAM scales contour vertices by the level downsample and truncates to int32
     tissue = Tissue(
