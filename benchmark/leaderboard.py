@@ -151,7 +151,10 @@ def pooled_predictions(records: list[dict], kind: str) -> dict[str, pd.DataFrame
         preds = pd.DataFrame(r.get("predictions", []))
         if r["status"] != "ok" or preds.empty:
             continue
-        preds = preds[preds["partition"] == r["reported_partition"]].assign(fold=r["job"]["fold"], seed=r["job"]["seed"])
+        preds = preds[preds["partition"] == r["reported_partition"]]
+        if preds.empty:
+            continue
+        preds = preds.assign(fold=r["job"]["fold"], seed=r["job"]["seed"])
         if kind == "survival":
             preds["train_risk_median"] = train_risk_median(r)
         frames.setdefault(r["job"]["method"], []).append(preds)
@@ -393,7 +396,7 @@ def render(board: Board, planned: set[str], links: list[tuple[str, str]]) -> str
         f"- **Protocol**: {protocol}; {int(n_folds) if n_folds == n_folds else '?'} folds; "
         f"seeds: {sorted(set(ok['seed'])) if not ok.empty else []}; metrics on the `{partition}` partition of each fold",
         "- **Numbers**: mean ± sample standard deviation over folds (4 decimals); no model selection on the reported partition",
-        f"- **Pooled [95% CI]**: {METRIC_TITLES[board.primary]} of all out-of-fold predictions pooled, with a "
+        f"- **Pooled [95% CI]**: {METRIC_TITLES[board.primary]} of the `{partition}` predictions of all folds pooled, with a "
         f"percentile bootstrap interval ({stats.N_RESAMPLES} resamples of patients, seed {stats.SEED})",
         f"- **Runs**: commits {', '.join(sorted(set(c[:10] for c in ok['git_commit'] if c))) or 'n/a'}",
         "",

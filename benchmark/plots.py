@@ -53,22 +53,25 @@ def _chance_line(ax) -> None:
 
 
 def roc_figure(method: str, rows: pd.DataFrame, path: Path) -> Path:
-    """One method: faint ROC per job (fold, seed), bold ROC of the pooled out-of-fold predictions.
+    """One method: faint ROC per job (fold, seed), bold ROC of the predictions of all jobs pooled.
 
     Multi-class tasks: per-class one-vs-rest pooled curves plus the macro-average (bold, black); the
     faint job curves are macro-averages too."""
     fig = Figure(figsize=(4.8, 4.8))
     ax = fig.add_subplot()
     _chance_line(ax)
+    pairs = one_vs_rest(rows)
+    binary = len(pairs) == 1
+    fold_label = "folds" if binary else "folds (macro average)"
     for i, (_, job) in enumerate(rows.groupby(["fold", "seed"])):
         curve = macro_roc(one_vs_rest(job))
         if curve is not None:
-            ax.plot(FPR_GRID, curve, color="tab:blue", alpha=0.25, lw=1, label="folds" if i == 0 else None)
-    pairs = one_vs_rest(rows)
+            ax.plot(FPR_GRID, curve, color="tab:blue" if binary else "grey", alpha=0.3, lw=1,
+                    label=fold_label if i == 0 else None)
     pooled = macro_roc(pairs)
     if pooled is None:
         ax.text(0.5, 0.5, "pooled ROC undefined:\na class is absent", ha="center", va="center", color="red")
-    elif len(pairs) == 1:
+    elif binary:
         fpr, tpr, _ = roc_curve(*pairs[0])
         ax.plot(fpr, tpr, color="tab:blue", lw=2.2, label=f"pooled (AUC {roc_auc_score(*pairs[0]):.3f})")
     else:
@@ -77,7 +80,7 @@ def roc_figure(method: str, rows: pd.DataFrame, path: Path) -> Path:
             ax.plot(fpr, tpr, lw=1.2, label=f"class {k} vs rest (AUC {roc_auc_score(truth, score):.3f})")
         macro_auc = np.mean([roc_auc_score(t, s) for t, s in pairs])
         ax.plot(FPR_GRID, pooled, color="black", lw=2.2, label=f"macro average (AUC {macro_auc:.3f})")
-    ax.set_title(f"{method}: ROC, pooled out-of-fold predictions", fontsize=10)
+    ax.set_title(f"{method}: ROC, predictions of all folds pooled", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return save(fig, path)
 
@@ -93,7 +96,9 @@ def roc_overlay(pooled: dict[str, pd.DataFrame], path: Path) -> Path:
         if curve is not None:
             auc = np.mean([roc_auc_score(t, s) for t, s in pairs])
             ax.plot(FPR_GRID, curve, lw=1.6, label=f"{method} (pooled AUC {auc:.3f})")
-    ax.set_title("ROC of every method, pooled out-of-fold predictions", fontsize=10)
+    multi = any(len(one_vs_rest(rows)) > 1 for rows in pooled.values())
+    ax.set_title("ROC of every method, predictions of all folds pooled" + ("\n(macro average over classes)" if multi else ""),
+                 fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return save(fig, path)
 

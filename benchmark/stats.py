@@ -1,8 +1,8 @@
 """Uncertainty and paired comparisons for leaderboards, computed from result files alone.
 
-- `bootstrap_ci`: percentile bootstrap on the pooled out-of-fold predictions of one method,
-  resampling patients (all rows of a drawn patient come along: several seeds, or a `test` partition
-  that every fold's model scores, give a patient several rows).
+- `bootstrap_ci`: percentile bootstrap on the pooled predictions of one method (the reported
+  partition of every fold), resampling patients (all rows of a drawn patient come along: several
+  seeds, or a `test` partition that every fold's model scores, give a patient several rows).
 - `paired_bootstrap`: the same resampled patients for two methods; the difference of their metrics.
 - `paired_fold_test`: paired t-test and Wilcoxon signed-rank test across folds.
 - `risk_groups` / `logrank`: high- vs low-risk halves split at each fold's training median risk.
