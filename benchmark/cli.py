@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="worker processes for slide reading")
     p.add_argument("--dry-run", action="store_true", help="print the job plan and exit")
     p.add_argument("--leaderboard", action="store_true", help="rebuild leaderboards from the results in --out and exit")
+    p.add_argument("--combine", nargs="*", metavar="DATASET:TASK",
+                   help="with --leaderboard: also write leaderboards/combined.md and .tex over these tables (none: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -76,13 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print_registries()
         return EXIT_OK
-    if args.leaderboard:
-        from benchmark import leaderboard
+    if args.leaderboard or args.combine is not None:
+        from benchmark import combine, leaderboard
 
         paths = leaderboard.build(args.out, args.leaderboard_dir)
         if not paths:
             print(f"no results under {args.out / 'results'}; run a benchmark first", file=sys.stderr)
             return EXIT_USAGE
+        if args.combine is not None:
+            try:
+                paths += combine.write_combined(args.out, args.leaderboard_dir, args.combine)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_USAGE
         print("\n".join(f"leaderboard: {p}" for p in paths))
         return EXIT_OK
     if not args.method or not args.dataset:
