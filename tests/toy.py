@@ -59,6 +59,9 @@ class ToyMethod(Method):
                     p1 = float(torch.sigmoid(torch.tensor(feature[pid] - 1.0)))
                     row.update(prob_0=1 - p1, prob_1=p1)
                 else:
-                    row["risk"] = -feature[pid]
+                    row["risk"] = feature[pid]
                 rows.append(row)
-        return FoldOutput(pd.DataFrame(rows), weights="none")
+        info = {}
+        if task.kind == "survival":
+            info["train_risk_median"] = float(np.median([feature[p] for p in fold.train]))
+        return FoldOutput(pd.DataFrame(rows), weights="none", info=info)
