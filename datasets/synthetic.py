@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import tifffile
+from tqdm.auto import tqdm
 
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
@@ -63,11 +64,12 @@ def generate_synthetic_cohort(
     *,
     slide_size: tuple[int, int] = (4096, 3072),
     workers: int | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write the synthetic cohort into `root` (once: a folder with a matching done-marker is reused).
 
     slide_size: level-0 (width, height), multiples of 32 so that every level halves exactly.
-    workers: processes drawing slides (default: up to 2); the result does not depend on it.
+    workers: threads drawing slides (default: up to 2); the result does not depend on it.
     Returns `root`."""
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "seed": seed, "n_patients": n_patients, "slide_size": list(slide_size)}
@@ -87,12 +89,18 @@ def generate_synthetic_cohort(
     (root / "annotations").mkdir(exist_ok=True)
     jobs = [(plan, root, tuple(slide_size)) for plan in plans]
     workers = workers or min(2, os.cpu_count() or 1)
+    bar = tqdm(total=len(jobs), desc=f"synthetic cohort (seed {seed}, once)", unit="slide", disable=not progress)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_slide_job, jobs))
+        # threads, not processes: OpenCV, numpy and the JPEG encoder release the GIL for the heavy work,
+        # and a forked child of a process that already ran torch or OpenCV threads can hang
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(_write_slide_job, jobs):
+                bar.update()
     else:
         for job in jobs:
             _write_slide_job(job)
+            bar.update()
+    bar.close()
     _write_atomic_text(root / "labels.csv", labels.to_csv(index=False))
     _write_atomic_text(root / MARKER, json.dumps(params, indent=1))
     return root
@@ -159,17 +167,25 @@ def _existing_params(root: Path) -> dict | None:
 
 def _write_slide_job(job: tuple[SlidePlan, Path, tuple[int, int]]) -> None:
     plan, root, slide_size = job
-    image20, label_map = draw_slide(plan, (slide_size[0] // 2, slide_size[1] // 2))
-    level0 = cv2.resize(image20, slide_size, interpolation=cv2.INTER_LINEAR)
-    path = root / "slides" / f"{plan.slide_id}.tiff"
-    tmp = path.with_name(path.name + ".part")
-    _write_pyramidal_tiff(tmp, level0, LEVEL0_MPP, levels=N_LEVELS)
-    os.replace(tmp, path)
-    small = (slide_size[0] // 2 ** (N_LEVELS - 1), slide_size[1] // 2 ** (N_LEVELS - 1))
-    annotation = cv2.resize(label_map, small, interpolation=cv2.INTER_NEAREST)
-    tmp = root / "annotations" / f".{plan.slide_id}.part.png"
+    annotation = write_slide(root / "slides" / f"{plan.slide_id}.tiff", plan, slide_size)
+    tmp = root / "annotations" / f".{plan.slide_id}.{os.getpid()}.part.png"
     cv2.imwrite(str(tmp), annotation)
     os.replace(tmp, root / "annotations" / f"{plan.slide_id}.png")
+
+
+def write_slide(path: Path, plan: SlidePlan, slide_size: tuple[int, int], *, mpp: float = LEVEL0_MPP,
+                aperio: bool = False) -> np.ndarray:
+    """Draw `plan`'s slide and write it to `path` (atomically): level 0 of `slide_size` (W, H) at `mpp`,
+    N_LEVELS levels. aperio: an SVS-style ImageDescription (MPP, AppMag 40) instead of resolution tags,
+    so that OpenSlide reads it with its Aperio driver. Returns the label map at the lowest level."""
+    image20, label_map = draw_slide(plan, (slide_size[0] // 2, slide_size[1] // 2))
+    level0 = cv2.resize(image20, tuple(slide_size), interpolation=cv2.INTER_LINEAR)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # two processes may generate at once
+    _write_pyramidal_tiff(tmp, level0, mpp, levels=N_LEVELS, aperio=aperio)
+    os.replace(tmp, path)
+    small = (slide_size[0] // 2 ** (N_LEVELS - 1), slide_size[1] // 2 ** (N_LEVELS - 1))
+    return cv2.resize(label_map, small, interpolation=cv2.INTER_NEAREST)
 
 
 def draw_slide(plan: SlidePlan, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -179,22 +195,25 @@ def draw_slide(plan: SlidePlan, size: tuple[int, int]) -> tuple[np.ndarray, np.n
     tissue = _tissue_mask(rng, width, height)
     tumor = _tumor_mask(rng, tissue, plan.tumor_fraction)
     normal = tissue & ~tumor
-    fibres = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 6, sigmaY=1.2)
-    fibres /= fibres.std() + 1e-6
-    eosin = np.where(normal, 0.55 + 0.12 * fibres, np.where(tumor, 0.32, 0.0)).astype(np.float32)
-    hema = np.where(normal, 0.07, np.where(tumor, 0.30, 0.0)).astype(np.float32)
+    fibres = cv2.GaussianBlur(rng.standard_normal((height, width), np.float32), (0, 0), 6, sigmaY=1.2)
+    fibres *= 0.12 / (fibres.std() + 1e-6)
+    eosin = np.where(normal, fibres + np.float32(0.55), np.where(tumor, np.float32(0.32), np.float32(0)))
+    hema = np.where(normal, np.float32(0.07), np.where(tumor, np.float32(0.30), np.float32(0)))
     nuclei = np.zeros((height, width), np.float32)
     _draw_nuclei(nuclei, normal, rng, area_per_nucleus=700, radius=(3, 5), stain=(0.8, 1.1))
     _draw_nuclei(nuclei, tumor, rng, area_per_nucleus=110, radius=(5, 8), stain=(1.2, 1.6))
     hema = np.maximum(hema, cv2.GaussianBlur(nuclei, (0, 0), 0.8))
-    grain = rng.normal(0, 0.03, (2, height, width)).astype(np.float32) * tissue
     strength = rng.uniform(0.9, 1.1, 2).astype(np.float32)  # slide-to-slide staining variation
-    od = (
-        (strength[0] * hema + grain[0])[..., None] * HEMATOXYLIN
-        + (strength[1] * eosin + grain[1])[..., None] * EOSIN
-        + BACKGROUND_OD
-    )
-    image = np.clip(255 * np.exp(-np.maximum(od, 0)), 0, 255).round().astype(np.uint8)
+    grain = rng.standard_normal((2, height, width), np.float32)
+    grain *= np.float32(0.03) * tissue
+    hema = strength[0] * hema + grain[0]
+    eosin = strength[1] * eosin + grain[1]
+    # Beer-Lambert: transmitted light = exp(-optical density), per RGB channel
+    od = np.stack([hema * HEMATOXYLIN[c] + eosin * EOSIN[c] for c in range(3)], axis=-1)
+    od += np.float32(BACKGROUND_OD)
+    np.maximum(od, 0, out=od)
+    image = cv2.exp(-od) * 255
+    image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
     label_map = tissue.astype(np.uint8) + tumor.astype(np.uint8)
     return image, label_map
 
@@ -244,11 +263,17 @@ def _draw_nuclei(canvas, region, rng, *, area_per_nucleus: float, radius: tuple[
                     float(value), thickness=-1, lineType=cv2.LINE_AA)
 
 
-def _write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, *, levels: int, tile: int = 256) -> None:
-    """JPEG-tiled pyramidal TIFF that OpenSlide's generic-tiff driver opens (PLATFORM.md recipe):
-    top-level pages halving in size, mpp in the resolution tags (pixels per centimetre).
+def _write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, *, levels: int, aperio: bool = False,
+                          tile: int = 256) -> None:
+    """JPEG-tiled pyramidal TIFF that OpenSlide opens (PLATFORM.md recipe): top-level pages halving in
+    size; mpp in the resolution tags (generic-tiff driver) or, with `aperio`, in an Aperio
+    ImageDescription (`MPP = `, `AppMag = `), which switches OpenSlide to its Aperio driver.
 
     Private until the slides helper's `datasets.testing.write_pyramidal_tiff` lands (same output)."""
+    height, width = image.shape[:2]
+    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
+                   f"JPEG/RGB Q=90|AppMag = 40|MPP = {mpp:g}") if aperio else None
+    resolution = {} if aperio else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         level = image
         for index in range(levels):
@@ -256,10 +281,10 @@ def _write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, *, levels: 
                 level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2), interpolation=cv2.INTER_AREA)
             tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
                      compressionargs={"level": 90}, subfiletype=0 if index == 0 else 1, metadata=None,
-                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+                     description=description if index == 0 else None, **resolution)
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     tmp.write_text(text)
     os.replace(tmp, path)
