@@ -8,13 +8,11 @@ any training (`Cohort.folds` does it)."""
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
 from datasets.cohorts.base import Cohort, Fold, SplitProvider, Task
 
@@ -25,49 +23,71 @@ class SplitLeakError(ValueError):
     """A split that puts a patient in two partitions of a fold, or leaves a patient out."""
 
 
-def stratification_labels(samples: pd.DataFrame, task: Task) -> np.ndarray:
-    """Classification: the class. Survival: event x survival-time quartile (of all patients)."""
-    if task.kind == "classification":
-        return samples["label"].to_numpy()
-    quartile = pd.qcut(samples["time"].rank(method="first"), 4, labels=False).to_numpy()
-    return samples["event"].astype(int).to_numpy() * 4 + quartile
-
-
 def generate_folds(
     samples: pd.DataFrame, task: Task, n_folds: int, seed: int, test: Sequence[str] = ()
 ) -> list[Fold]:
     """Stratified k-fold over patients (one sample per patient), deterministic by seed.
 
+    Classification: stratified by class. Survival: stratified by event, and within each event group by
+    survival time (each fold gets patients from the whole time range). Every class (or event group)
+    and every fold's size differ by at most one patient across folds.
     `test`: patients of an external test set (CAMELYON16's official test slides): kept out of the
     cross-validation and given to every fold as `Fold.test`."""
     test_set = set(test)
     samples = samples[~samples["patient_id"].isin(test_set)].reset_index(drop=True)
-    test_ids = tuple(sorted(test_set))
     patients = samples["patient_id"].to_numpy()
     if len(set(patients)) != len(patients):
         raise ValueError("generate_folds expects one row per patient")
-    strata = stratification_labels(samples, task)
-    smallest = min(Counter(strata).values())
-    if smallest < n_folds:
-        # merge strata too small to reach every fold into the largest one, rather than fail
-        counts = Counter(strata)
-        largest = counts.most_common(1)[0][0]
-        strata = np.array([s if counts[s] >= n_folds else largest for s in strata])
     if len(patients) < n_folds:
         raise ValueError(f"{len(patients)} patients cannot make {n_folds} folds; use --folds {len(patients)} or fewer")
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = []
-    for index, (train_idx, val_idx) in enumerate(splitter.split(patients, strata)):
-        folds.append(
-            Fold(
-                index=index,
-                train=tuple(sorted(patients[train_idx])),
-                val=tuple(sorted(patients[val_idx])),
-                test=test_ids,
-                source=f"generated (stratified {n_folds}-fold, seed {seed})",
-            )
+    assignment = _deal_to_folds(_strata_in_order(samples, task, np.random.default_rng(seed)), n_folds,
+                                np.random.default_rng([seed, 1]))
+    return [
+        Fold(
+            index=k,
+            train=tuple(sorted(p for p, f in assignment.items() if f != k)),
+            val=tuple(sorted(p for p, f in assignment.items() if f == k)),
+            test=tuple(sorted(test_set)),
+            source=f"generated (stratified {n_folds}-fold, seed {seed})",
         )
-    return folds
+        for k in range(n_folds)
+    ]
+
+
+def _strata_in_order(samples: pd.DataFrame, task: Task, rng: np.random.Generator) -> list[list[str]]:
+    """Patient ids per stratum (class, or event group), in a seeded random order; survival groups are
+    then sorted by time (the random order breaks ties)."""
+    shuffled = samples.iloc[rng.permutation(len(samples))]
+    key = "label" if task.kind == "classification" else "event"
+    strata = []
+    for _, group in shuffled.groupby(key, sort=True):
+        if task.kind == "survival":
+            group = group.sort_values("time", kind="stable")
+        strata.append(group["patient_id"].tolist())
+    return strata
+
+
+def _deal_to_folds(strata: list[list[str]], n_folds: int, rng: np.random.Generator) -> dict[str, int]:
+    """Deal each stratum in blocks of `n_folds` consecutive patients, one patient of a block per fold
+    (random order), and a stratum's last, partial block to the folds that have the fewest patients.
+
+    Hand-written because sklearn's StratifiedKFold balances each stratum on its own but not their
+    union: with survival strata of event x time bin, the number of events per fold drifts by several
+    patients, and it cannot spread each fold over the time range."""
+    totals = np.zeros(n_folds, int)
+    assignment = {}
+    for ids in strata:
+        for start in range(0, len(ids), n_folds):
+            block = ids[start : start + n_folds]
+            if len(block) == n_folds:
+                targets = rng.permutation(n_folds)
+            else:  # fewest patients first, random among equals
+                targets = np.lexsort((rng.random(n_folds), totals))[: len(block)]
+                targets = rng.permutation(targets)
+            for patient, fold in zip(block, targets):
+                assignment[patient] = int(fold)
+                totals[fold] += 1
+    return assignment
 
 
 def audit_folds(folds: list[Fold], patients: list[str], cohort: str = "") -> None:
@@ -187,11 +207,18 @@ def make_split_provider(
     return provide
 
 
-def describe_splits(splits: str, shipped: Mapping[str, tuple[Path, str]] | None = None) -> str:
-    """One line for the leaderboard header: where the folds come from."""
+def describe_splits(
+    splits: str, shipped: Mapping[str, tuple[Path, str]] | None = None, tasks: Sequence[str] = ()
+) -> str:
+    """One line for the leaderboard header: where the folds of each task come from."""
+    shipped = dict(shipped or {})
+    generated = "patient-level stratified k-fold cross-validation (generated, seeded)"
     if splits == "generate" or (splits == "default" and not shipped):
-        return "patient-level stratified k-fold cross-validation (generated, seeded)"
+        return generated
     if splits == "default":
-        names = "; ".join(f"{task}: {name}" for task, (_, name) in shipped.items())
-        return f"patient-level k-fold cross-validation: {names}; other tasks generated (stratified, seeded)"
+        parts = [f"{task}: {name}" for task, (_, name) in shipped.items()]
+        others = [t for t in tasks if t not in shipped]
+        if others:
+            parts.append(f"{', '.join(others)}: {generated}")
+        return "; ".join(parts)
     return f"patient-level cross-validation from the split files in {splits}"
