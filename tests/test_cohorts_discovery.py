@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmark.registry import DATASETS, load_all
+from datasets.cohorts.base import Fold
 from datasets.cohorts.discovery import find_slides
 from datasets.cohorts.tcga import TABLES, survival_table
 from datasets.splits import SplitLeakError, read_split_dir, write_split_dir
@@ -73,7 +74,7 @@ def test_tcga_survival_uses_porpoise_folds_restricted_to_present_patients(tcga_r
 def test_tcga_split_dir_with_a_leak_is_refused(tcga_release, tmp_path):
     cohort = create("tcga_blca", tcga_release.root, tmp_path)
     folds = cohort.folds(cohort.task("survival"), 5, seed=0)
-    leaky = folds[0].__class__(0, folds[0].train, folds[0].val + folds[0].train[:1])
+    leaky = Fold(0, folds[0].train, folds[0].val + folds[0].train[:1])
     split_dir = write_split_dir([leaky], tmp_path / "leaky")
     cohort = create("tcga_blca", tcga_release.root, tmp_path, splits=str(split_dir))
     with pytest.raises(SplitLeakError, match=f"two partitions: {folds[0].train[0]}"):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets.cohorts.base import Cohort, Fold, Task
+from datasets.cohorts.base import Cohort, Task
 from datasets.splits import (
     SplitLeakError,
     audit_folds,
