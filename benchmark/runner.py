@@ -118,6 +118,7 @@ def execute_job(planned: PlannedJob, method: Method, cohort: Cohort, task: Task,
             "device": provenance.device_description(ctx.device)}
     try:
         seed_everything(planned.job.seed)
+        reset_peak_memory(ctx.device)
         out = method.run_fold(cohort, task, fold, planned.job.seed, ctx)
         preds = check_predictions(out, task, fold)
         metrics = {part: compute_metrics(task.kind, preds[preds["partition"] == part])
@@ -141,8 +142,31 @@ def execute_job(planned: PlannedJob, method: Method, cohort: Cohort, task: Task,
         "info": out.info,
         "protocol": cohort.protocol,
         "timings": {"total_s": time.perf_counter() - started, **out.info.get("timings", {})},
+        "cost": cost(out.info.get("timings", {}), ctx.device),
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cost(timings: dict, device: str) -> dict:
+    """What a job cost: seconds per slide for training and inference (methods report
+    train_s / n_train_slides / infer_s / n_infer_slides in info['timings']) and peak memory."""
+    import resource
+
+    per_slide = {}
+    for stage in ("train", "infer"):
+        seconds, slides = timings.get(f"{stage}_s"), timings.get(f"n_{stage}_slides")
+        if seconds is not None and slides:
+            per_slide[f"{stage}_s_per_slide"] = seconds / slides
+    if device.startswith("cuda"):
+        peak = {"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    else:  # ru_maxrss is in KiB on Linux: the process's peak, an upper bound for this job
+        peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"device": "gpu" if device.startswith("cuda") else "cpu", **per_slide, **peak}
 
 
 def write_run_provenance(opts: RunOptions, argv: list[str] | None) -> None:
