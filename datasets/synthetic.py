@@ -29,8 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import tifffile
 from tqdm.auto import tqdm
+
+from datasets.testing import write_pyramidal_tiff
 
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
@@ -182,7 +183,7 @@ def write_slide(path: Path, plan: SlidePlan, slide_size: tuple[int, int], *, mpp
     level0 = cv2.resize(image20, tuple(slide_size), interpolation=cv2.INTER_LINEAR)
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # two processes may generate at once
-    _write_pyramidal_tiff(tmp, level0, mpp, levels=N_LEVELS, aperio=aperio)
+    write_pyramidal_tiff(tmp, level0, mpp, levels=N_LEVELS, aperio=aperio, app_mag=40 if aperio else None)
     os.replace(tmp, path)
     small = (slide_size[0] // 2 ** (N_LEVELS - 1), slide_size[1] // 2 ** (N_LEVELS - 1))
     return cv2.resize(label_map, small, interpolation=cv2.INTER_NEAREST)
@@ -261,27 +262,6 @@ def _draw_nuclei(canvas, region, rng, *, area_per_nucleus: float, radius: tuple[
     for x, y, (a, b), angle, value in zip(xs[pick], ys[pick], axes, angles, values):
         cv2.ellipse(canvas, (int(x), int(y)), (int(round(a)), int(round(b))), float(angle), 0, 360,
                     float(value), thickness=-1, lineType=cv2.LINE_AA)
-
-
-def _write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, *, levels: int, aperio: bool = False,
-                          tile: int = 256) -> None:
-    """JPEG-tiled pyramidal TIFF that OpenSlide opens (PLATFORM.md recipe): top-level pages halving in
-    size; mpp in the resolution tags (generic-tiff driver) or, with `aperio`, in an Aperio
-    ImageDescription (`MPP = `, `AppMag = `), which switches OpenSlide to its Aperio driver.
-
-    Private until the slides helper's `datasets.testing.write_pyramidal_tiff` lands (same output)."""
-    height, width = image.shape[:2]
-    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
-                   f"JPEG/RGB Q=90|AppMag = 40|MPP = {mpp:g}") if aperio else None
-    resolution = {} if aperio else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        level = image
-        for index in range(levels):
-            if index:
-                level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2), interpolation=cv2.INTER_AREA)
-            tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
-                     compressionargs={"level": 90}, subfiletype=0 if index == 0 else 1, metadata=None,
-                     description=description if index == 0 else None, **resolution)
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
