@@ -67,6 +67,7 @@ def synthetic(
         default_task="metastasis",
         protocol=describe_splits(splits),
         notes=[_summary(table, root)],
+        tissue_preset="synthetic",
     )
     cohort.split_provider = make_split_provider(cohort, splits)
     return cohort

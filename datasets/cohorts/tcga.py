@@ -127,6 +127,7 @@ def load_tcga(cohort: str, data_root: Path | None, cache_dir: Path, seed: int = 
         protocol=describe_splits(splits, shipped, list(tasks)),
         notes=notes,
         refused_tasks=refused,
+        tissue_preset="tcga",
     )
     result.split_provider = make_split_provider(result, splits, shipped=shipped)
     return result
