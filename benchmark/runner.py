@@ -21,6 +21,7 @@ from benchmark.metrics import compute_metrics
 from benchmark.registry import DATASETS, METHODS, load_all
 from benchmark.results import atomic_write_text, write_result
 from datasets.cohorts.base import Cohort, Fold, Task
+from datasets.splits import write_split_dir
 
 
 @dataclass
@@ -206,6 +207,8 @@ def run(opts: RunOptions, state: RunState | None = None, argv: list[str] | None 
     summary = RunSummary(state.planned)
     write_run_provenance(opts, argv)
     leaderboard.record_plan(Path(opts.out_dir), state.planned)
+    # the folds every job used, as CLAM-style CSVs: `--splits <this folder>` repeats the run exactly
+    write_split_dir(state.folds, Path(opts.out_dir) / "splits" / state.cohort.name / state.task.name)
     todo = [p for p in state.planned if not p.done]
     by_fold = {f.index: f for f in state.folds}
     bar = tqdm(total=len(todo), desc="jobs", unit="job", disable=not opts.progress)

@@ -103,6 +103,15 @@ def test_cli_exit_code_names_failed_jobs(tmp_path, toy_registries, monkeypatch, 
     assert (tmp_path / "lb" / "toy_binary.md").exists()
 
 
+def test_run_saves_its_folds_for_reuse(tmp_path, toy_registries):
+    from datasets.splits import read_split_dir
+
+    run(opts(tmp_path, methods=["toy"], n_folds=3))
+    saved = read_split_dir(tmp_path / "out" / "splits" / "toy" / "binary")
+    state = make_plan(opts(tmp_path, methods=["toy"], n_folds=3))
+    assert [(f.train, f.val) for f in saved] == [(f.train, f.val) for f in state.folds]
+
+
 def test_plan_uses_audited_patient_level_folds(tmp_path, toy_registries):
     state = make_plan(opts(tmp_path))
     vals = [set(f.val) for f in state.folds]
