@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Elements of one chunk's (batch, E, T, N) tensors; sets the chunk length T (see `_chunk_length`).
-CHUNK_ELEMENTS = 2**17
-MIN_CHUNK, MAX_CHUNK = 16, 512
+# 2^19 fp32 elements = 2 MiB per tensor: big enough that Python overhead per chunk is small for narrow
+# layers (E = 6: T = 4096), small enough that one chunk's autograd graph stays in tens of MiB.
+CHUNK_ELEMENTS = 2**19
+MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,16 +122,22 @@ def _chunk_length(batch: int, channels: int, state: int) -> int:
 
 
 def _prefix_scan(a, b):
-    """All prefixes of h_t = a_t h_{t-1} + b_t along dim 2 with h_{-1} = 0, by Hillis-Steele doubling.
+    """States h_t = a_t h_{t-1} + b_t along dim 2 with h_{-1} = 0; a, b: (batch, E, T, N).
 
-    Returns (prod_{s<=t} a_s, h_t). log2(T) steps of whole-tensor ops instead of T Python steps; stable
-    for |a| <= 1 since it only multiplies a's together. a, b: (batch, E, T, N)."""
-    length, step = a.shape[2], 1
-    while step < length:
-        b = b + a * F.pad(b[:, :, :-step], (0, 0, step, 0))  # combine with the element `step` back
-        a = a * F.pad(a[:, :, :-step], (0, 0, step, 0), value=1.0)
-        step *= 2
-    return a, b
+    Work-efficient parallel scan by pairwise reduction: combine neighbours (2i, 2i+1) into one step,
+    scan the half-length sequence recursively (its results are the states at odd t), then fill in
+    the even t. 2 log2(T) levels of whole-tensor ops and O(T) work, instead of T Python steps; stable
+    for |a| <= 1 since it only multiplies a's together."""
+    length = a.shape[2]
+    if length == 1:
+        return b
+    if length % 2:  # an identity step (a = 1, b = 0) at the end makes the length even
+        return _prefix_scan(F.pad(a, (0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 1)))[:, :, :length]
+    a_even, a_odd = a.unflatten(2, (length // 2, 2)).unbind(3)
+    b_even, b_odd = b.unflatten(2, (length // 2, 2)).unbind(3)
+    h_odd = _prefix_scan(a_odd * a_even, a_odd * b_even + b_odd)
+    h_even = a_even * F.pad(h_odd[:, :, :-1], (0, 0, 1, 0)) + b_even
+    return torch.stack((h_even, h_odd), dim=3).flatten(2, 3)
 
 
 def _scan_chunk(delta, du, A, B, C, h0):
@@ -138,8 +146,9 @@ def _scan_chunk(delta, du, A, B, C, h0):
     delta, du = delta * u: (batch, E, T); B, C: (batch, N, T); h0: (batch, E, N)."""
     decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
     impulse = du.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    decay, h = _prefix_scan(decay, impulse)
-    h = h + decay * h0.unsqueeze(2)
+    # h0 enters as part of the first step's input: h_0 = a_0 h0 + b_0
+    impulse = torch.cat((impulse[:, :, :1] + decay[:, :, :1] * h0.unsqueeze(2), impulse[:, :, 1:]), dim=2)
+    h = _prefix_scan(decay, impulse)
     y = None if C is None else torch.einsum("betn,bnt->bet", h, C)
     return y, h[:, :, -1]
 
