@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -102,7 +102,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
-        h = torch.exp(delta_[:, :, t, None] * A_) * h + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        impulse = (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        h = torch.exp(delta_[:, :, t, None] * A_) * h + impulse
         ys.append((h * C_[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
@@ -261,8 +262,8 @@ def _readout_chunk(delta, A, C, h0):
 def initial_state_readout(delta, A, C, h0, chunk=None):
     """What an initial state h0 adds to the outputs: C_t . (exp(A sum_{s<=t} delta_s) * h0), (batch, E, L).
 
-    Stops as soon as the decayed state is exactly zero in floating point (every later term is then
-    exactly zero too), so it usually costs a short prefix of the sequence."""
+    Stops as soon as the decayed state is zero (every factor below e^-43, see `_decay`): every later
+    term is then zero too, so this usually costs a short prefix of the sequence. Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, A, C, h0))
@@ -288,7 +289,7 @@ def _final_chunk(delta, du, A, B, to_end):
 def final_state(delta, du, A, B, h0=None, chunk=None):
     """Last state of the recurrence, sum_t exp(A sum_{s>t} delta_s) du_t B_t (+ the decayed h0).
 
-    Walks back from the end and stops once the decay to the end is exactly zero in floating point."""
+    Walks back from the end and stops once the decay to the end is zero (see `_decay`). Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(
@@ -309,7 +310,7 @@ def final_state(delta, du, A, B, h0=None, chunk=None):
 
 def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, chunk=None):
-    """The "reference" backend: chunked parallel scan, checkpointed per chunk under autograd."""
+    """The "reference" backend: chunked parallel scan; backward recomputes one chunk at a time."""
     dtype = compute_dtype(u.dtype)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_ = u.to(dtype)
@@ -378,8 +379,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     backend: "auto" | "reference" | "cuda" | any name given to `register_backend`. Unlike the stock
     kernel, the reference backend propagates gradients through last_state."""
-    info = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    info = ScanInfo(**{**info.__dict__, "return_last_state": return_last_state})
+    info = replace(_check_inputs(u, delta, A, B, C, D, z, delta_bias), return_last_state=return_last_state)
     chosen = _pick_backend(backend, info)
     return chosen.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
