@@ -54,8 +54,8 @@ class _TwoBranchMamba(nn.Module):
 
     def _add_branch(self, suffix, dt_min, dt_max, dt_init_floor):
         inner, state = self.d_inner, self.d_state
-        self.add_module("conv1d" + suffix, nn.Conv1d(inner, inner, self.d_conv, groups=inner, bias=True,
-                                                          padding=self.d_conv - 1))  # as Mamba's
+        conv = nn.Conv1d(inner, inner, self.d_conv, groups=inner, padding=self.d_conv - 1)  # as Mamba's
+        self.add_module("conv1d" + suffix, conv)
         self.add_module("x_proj" + suffix, nn.Linear(inner, self.dt_rank + 2 * state, bias=False))
         dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
         _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
