@@ -1,0 +1,246 @@
+"""Running a benchmark: build the cohort and methods, plan jobs, prepare slide products, run each job,
+write one result file per job, rebuild the leaderboards."""
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from benchmark import leaderboard, provenance
+from benchmark.api import FoldOutput, Method, RunContext
+from benchmark.jobs import PlannedJob, plan
+from benchmark.metrics import compute_metrics
+from benchmark.registry import DATASETS, METHODS, load_all
+from benchmark.results import atomic_write_text, write_result
+from datasets.cohorts.base import Cohort, Fold, Task
+
+
+@dataclass
+class RunOptions:
+    methods: list[str]
+    dataset: str
+    task: str | None = None
+    n_folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out_dir: Path = Path("runs")
+    cache_dir: Path | None = None
+    data_root: Path | None = None
+    leaderboard_dir: Path = Path("leaderboards")
+    max_epochs: int | None = None
+    weights: str | None = None
+    splits: str = "default"
+    split_seed: int = 0
+    strict: bool = False
+    default_mpp: float | None = None
+    workers: int = 0
+    device: str = "cpu"
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    planned: list[PlannedJob]
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    leaderboards: list[Path] = field(default_factory=list)
+
+
+def default_cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("wsi-bench"))
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same CPU result: every job starts from the same random state whatever ran before."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_cohort(opts: RunOptions) -> Cohort:
+    cache_dir = opts.cache_dir or default_cache_dir()
+    return DATASETS.create(opts.dataset, data_root=opts.data_root, cache_dir=cache_dir,
+                           seed=opts.split_seed, splits=opts.splits)
+
+
+def build_methods(opts: RunOptions) -> dict[str, Method]:
+    kwargs = dict(opts.overrides)
+    if opts.preset:
+        kwargs["preset"] = opts.preset
+    return {name: METHODS.create(name, **kwargs) for name in opts.methods}
+
+
+def context(opts: RunOptions, job_dir: Path | None = None) -> RunContext:
+    return RunContext(out_dir=Path(opts.out_dir), cache_dir=Path(opts.cache_dir or default_cache_dir()),
+                      device=opts.device, max_epochs=opts.max_epochs, num_workers=opts.workers,
+                      strict=opts.strict, progress=opts.progress, job_dir=job_dir, weights=opts.weights,
+                      default_mpp=opts.default_mpp)
+
+
+def job_dir(opts: RunOptions, planned: PlannedJob) -> Path:
+    j = planned.job
+    return Path(opts.out_dir) / "work" / j.dataset / j.task / j.method / f"fold{j.fold}_seed{j.seed}"
+
+
+def check_predictions(out: FoldOutput, task: Task, fold: Fold) -> pd.DataFrame:
+    """The method must score every patient of the reported partition exactly once."""
+    preds = out.predictions
+    needed = {"patient_id", "partition", *task.label_columns}
+    needed |= {"risk"} if task.kind == "survival" else {f"prob_{k}" for k in range(task.n_classes)}
+    missing = needed - set(preds.columns)
+    if missing:
+        raise ValueError(f"predictions lack columns {sorted(missing)}")
+    reported = preds[preds["partition"] == fold.reported]
+    expected = set(getattr(fold, fold.reported)) - set(out.info.get("patients_without_slides", []))
+    if reported["patient_id"].duplicated().any() or set(reported["patient_id"]) != expected:
+        raise ValueError(f"predictions for partition '{fold.reported}' do not cover its {len(expected)} patients once each")
+    return preds
+
+
+def execute_job(planned: PlannedJob, method: Method, cohort: Cohort, task: Task, fold: Fold,
+                ctx: RunContext) -> dict:
+    """Run one job and return its result record (status 'ok' or 'failed'; never raises for job errors)."""
+    started = time.perf_counter()
+    base = {"job": planned.job.__dict__, "config": planned.config, "config_hash": planned.config_hash,
+            "versions": provenance.package_versions(), "git_commit": provenance.git_commit(),
+            "device": provenance.device_description(ctx.device)}
+    try:
+        seed_everything(planned.job.seed)
+        reset_peak_memory(ctx.device)
+        out = method.run_fold(cohort, task, fold, planned.job.seed, ctx)
+        preds = check_predictions(out, task, fold)
+        metrics = {part: compute_metrics(task.kind, preds[preds["partition"] == part])
+                   for part in sorted(preds["partition"].unique())}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # a failed job is recorded and the run goes on
+        return {**base, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(), "timings": {"total_s": time.perf_counter() - started},
+                "finished_at": datetime.now(timezone.utc).isoformat()}
+    return {
+        **base,
+        "status": "ok",
+        "reported_partition": fold.reported,
+        "metrics": metrics[fold.reported],
+        "metrics_by_partition": metrics,
+        "predictions": preds.to_dict("records"),
+        "n_patients": {part: len(ids) for part, ids in fold.partitions().items()},
+        "missing_slides": sorted(out.missing_slides),
+        "weights": out.weights,
+        "info": out.info,
+        "protocol": cohort.protocol,
+        "timings": {"total_s": time.perf_counter() - started, **out.info.get("timings", {})},
+        "cost": cost(out.info.get("timings", {}), ctx.device),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cost(timings: dict, device: str) -> dict:
+    """What a job cost: seconds per slide for training and inference (methods report
+    train_s / n_train_slides / infer_s / n_infer_slides in info['timings']) and peak memory."""
+    import resource
+
+    per_slide = {}
+    for stage in ("train", "infer"):
+        seconds, slides = timings.get(f"{stage}_s"), timings.get(f"n_{stage}_slides")
+        if seconds is not None and slides:
+            per_slide[f"{stage}_s_per_slide"] = seconds / slides
+    if device.startswith("cuda"):
+        peak = {"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    else:  # ru_maxrss is in KiB on Linux: the process's peak, an upper bound for this job
+        peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"device": "gpu" if device.startswith("cuda") else "cpu", **per_slide, **peak}
+
+
+def write_run_provenance(opts: RunOptions, argv: list[str] | None) -> None:
+    import json
+
+    record = {"argv": argv, "options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()},
+              "versions": provenance.package_versions(), "git_commit": provenance.git_commit(),
+              "hardware": provenance.hardware(), "started_at": datetime.now(timezone.utc).isoformat()}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    atomic_write_text(Path(opts.out_dir) / "provenance" / f"run_{stamp}.json", json.dumps(record, indent=1, default=str))
+
+
+@dataclass
+class RunState:
+    cohort: Cohort
+    task: Task
+    folds: list[Fold]
+    methods: dict[str, Method]
+    planned: list[PlannedJob]
+
+
+def make_plan(opts: RunOptions) -> RunState:
+    """Build the cohort, its folds (audited) and the methods, and plan the jobs. Runs nothing."""
+    load_all()
+    cohort = build_cohort(opts)
+    task = cohort.task(opts.task)
+    folds = cohort.folds(task, opts.n_folds, opts.split_seed)
+    methods = build_methods(opts)
+    planned = plan(methods, cohort, task, folds, opts.seeds, Path(opts.out_dir), opts.max_epochs, opts.weights)
+    return RunState(cohort, task, folds, methods, planned)
+
+
+def run(opts: RunOptions, state: RunState | None = None, argv: list[str] | None = None) -> RunSummary:
+    """Run every job of the plan that is not done yet, then rebuild the leaderboards."""
+    state = state or make_plan(opts)
+    summary = RunSummary(state.planned)
+    write_run_provenance(opts, argv)
+    leaderboard.record_plan(Path(opts.out_dir), state.planned)
+    todo = [p for p in state.planned if not p.done]
+    by_fold = {f.index: f for f in state.folds}
+    bar = tqdm(total=len(todo), desc="jobs", unit="job", disable=not opts.progress)
+    for name, method in state.methods.items():
+        jobs = [p for p in todo if p.job.method == name]
+        if not jobs:
+            continue
+        prepare_error = prepare(method, state.cohort, context(opts))
+        for planned_job in jobs:
+            if prepare_error:
+                record = {"job": planned_job.job.__dict__, "config": planned_job.config,
+                          "config_hash": planned_job.config_hash, "status": "failed", "error": prepare_error}
+            else:
+                ctx = context(opts, job_dir(opts, planned_job))
+                record = execute_job(planned_job, method, state.cohort, state.task, by_fold[planned_job.job.fold], ctx)
+            write_result(planned_job.path, record)
+            summary.ran.append(planned_job.job.name)
+            if record["status"] != "ok":
+                summary.failed[planned_job.job.name] = record["error"]
+                if opts.strict:
+                    raise RuntimeError(f"{planned_job.job.name} failed (--strict): {record['error']}")
+            bar.set_postfix(done=len(summary.ran), failed=len(summary.failed))
+            bar.update()
+    bar.close()
+    summary.leaderboards = leaderboard.build(Path(opts.out_dir), Path(opts.leaderboard_dir))
+    return summary
+
+
+def prepare(method: Method, cohort: Cohort, ctx: RunContext) -> str | None:
+    """Build a method's slide products; a failure fails that method's jobs, not the run."""
+    try:
+        method.prepare(cohort, ctx)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        if ctx.strict:
+            raise
+        return f"prepare failed: {type(err).__name__}: {err}"
+    return None
