@@ -19,6 +19,7 @@ from methods.encoders.weights import (
     WeightsUnavailableError,
     hub_file,
     load_strict,
+    no_init,
     parse_weights,
     read_state_dict,
     seeded_init,
@@ -109,16 +110,17 @@ def load_conch_checkpoint(model: ConchVision, path) -> None:
 
 
 def build_conch(spec: WeightsSpec) -> ConchVision:
-    with seeded_init():
+    # the checkpoint first: an unavailable one fails before the model is built
+    path = hub_file(HUB_REPO, CHECKPOINT, gated=True) if spec.kind == "hub" else spec.path  # None: random
+    with no_init() if path is not None else seeded_init():
         model = ConchVision()
-    if spec.kind == "random":
-        return model
-    path = spec.path if spec.kind == "path" else hub_file(HUB_REPO, CHECKPOINT, gated=True)
-    load_conch_checkpoint(model, path)
+    if path is not None:
+        load_conch_checkpoint(model, path)
     return model
 
 
-@ENCODERS.register("conch_v1", "CONCH v1 vision tower (ViT-B/16 + attentional pooler), 512-d before projection; gated HF repo MahmoodLab/conch")
+@ENCODERS.register("conch_v1", "CONCH v1 vision tower (ViT-B/16 + attentional pooler), 512-d before projection; gated HF repo MahmoodLab/conch",
+                   hub_repo=HUB_REPO)
 def conch_v1(weights: str | None = "hub", input_size: int | None = None) -> PatchEncoder:
     """input_size: 448 (CONCH's, TRIDENT's); CLAM feeds 224 and relies on the dynamic image size."""
     spec = parse_weights(weights)

@@ -7,7 +7,15 @@ from torch import nn
 
 from benchmark.registry import ENCODERS
 from methods.encoders.base import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, Preprocess
-from methods.encoders.weights import WeightsSpec, hub_errors, load_strict, parse_weights, read_state_dict, seeded_init
+from methods.encoders.weights import (
+    WeightsSpec,
+    hub_errors,
+    load_strict,
+    no_init,
+    parse_weights,
+    read_state_dict,
+    seeded_init,
+)
 
 TIMM_NAME = "resnet50.tv_in1k"
 HUB_REPO = "timm/resnet50.tv_in1k"
@@ -35,7 +43,7 @@ def build_resnet50_trunc(spec: WeightsSpec) -> ResNet50Trunc:
     if spec.kind == "hub":
         with hub_errors(HUB_REPO, "model.safetensors"):
             return ResNet50Trunc(timm.create_model(TIMM_NAME, pretrained=True))
-    with seeded_init():
+    with no_init() if spec.kind == "path" else seeded_init():
         net = ResNet50Trunc(timm.create_model(TIMM_NAME, pretrained=False))
     if spec.kind == "path":
         state = {k: v for k, v in read_state_dict(spec.path).items() if not k.startswith(UNUSED_PREFIXES)}
@@ -43,7 +51,8 @@ def build_resnet50_trunc(spec: WeightsSpec) -> ResNet50Trunc:
     return net
 
 
-@ENCODERS.register("resnet50_trunc", "ImageNet ResNet-50 (torchvision weights) cut after layer3, average pool, 1024-d (CLAM's R50)")
+@ENCODERS.register("resnet50_trunc", "ImageNet ResNet-50 (torchvision weights) cut after layer3, average pool, 1024-d (CLAM's R50)",
+                   hub_repo=HUB_REPO)
 def resnet50_trunc(weights: str | None = "hub", input_size: int | None = None) -> PatchEncoder:
     spec = parse_weights(weights)
     size = input_size or 224

@@ -7,7 +7,15 @@ import math
 
 from benchmark.registry import ENCODERS
 from methods.encoders.base import PatchEncoder, Preprocess
-from methods.encoders.weights import WeightsSpec, hub_errors, load_strict, parse_weights, read_state_dict, seeded_init
+from methods.encoders.weights import (
+    WeightsSpec,
+    hub_errors,
+    load_strict,
+    no_init,
+    parse_weights,
+    read_state_dict,
+    seeded_init,
+)
 
 PREFIX = "timm:"
 
@@ -25,7 +33,7 @@ def create_timm_model(model_name: str, spec: WeightsSpec):
     with hub_errors(repo, "model.safetensors"):
         if spec.kind == "hub":
             return timm.create_model(model_name, pretrained=True, num_classes=0)
-        with seeded_init():
+        with no_init() if spec.kind == "path" else seeded_init():
             model = timm.create_model(model_name, pretrained=False, num_classes=0)
     if spec.kind == "path":
         classifier = model.pretrained_cfg.get("classifier") or "head"
