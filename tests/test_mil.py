@@ -144,3 +144,45 @@ def test_recipe_cap():
 def test_no_training_bags_is_a_clear_error():
     with pytest.raises(ValueError, match="no training bags"):
         train_bags(PoolMIL(8, 2, "mean"), [], "classification", Recipe(epochs=1), seed=0)
+
+
+def test_mambamil_is_the_published_architecture():
+    from methods.ssm.mixer import SRMambaMixer
+
+    torch.manual_seed(0)
+    model = AGGREGATORS.create("mambamil", in_dim=20, n_classes=3).eval()
+    assert model._fc1[0].weight.shape == (512, 20) and isinstance(model._fc1[1], torch.nn.GELU)
+    assert model._fc1[2].p == 0.25
+    assert len(model.layers) == 2
+    for norm, mixer in model.layers:
+        assert isinstance(norm, torch.nn.LayerNorm) and isinstance(mixer, SRMambaMixer)
+        assert mixer.rate == 5 and mixer.A_log.shape == (1024, 16) and mixer.A_b_log.shape == (1024, 16)
+        assert mixer.conv1d.kernel_size == (4,)
+    assert [m.weight.shape for m in model.attention if hasattr(m, "weight")] == [(128, 512), (1, 128)]
+    assert model.classifier.weight.shape == (3, 512)
+
+    bag = torch.randn(11, 20)  # odd length: the stride-5 interleave pads
+    with torch.no_grad():
+        h = model._fc1(bag)[None]
+        for norm, mixer in model.layers:
+            h = h + mixer(norm(h))
+        h = model.norm(h)[0]
+        scores = model.attention(h)[:, 0]
+        expected = model.classifier(torch.softmax(scores, 0) @ h)
+        logits, weights = model(bag, return_attention=True)
+    torch.testing.assert_close(logits[0], expected)
+    torch.testing.assert_close(weights[0], torch.softmax(scores, 0))
+
+
+def test_mambamil_trains_on_cpu_and_repeats_by_seed():
+    def run(seed):
+        from methods.mil.mambamil import MambaMIL
+
+        torch.manual_seed(seed)
+        model = MambaMIL(in_dim=8, n_classes=2, d_model=32)  # narrow: the trainer path, not the spec, is tested
+        before = model.classifier.weight.clone()
+        train_bags(model, toy_bags(3, 0), "classification", Recipe(epochs=1), seed=seed)
+        assert not torch.equal(before, model.classifier.weight)
+        return predict_bags(model, toy_bags(2, 1), "classification")
+
+    np.testing.assert_array_equal(run(0), run(0))

@@ -104,8 +104,8 @@ def test_survival_bins_come_from_training_patients_only(cohort, ctx, prepared):
 
 def test_other_aggregators_and_features_shared_across_methods(cohort, ctx, prepared):
     task = cohort.task("tumour")
-    for name in ("r50_meanpool", "r50_maxpool"):
-        method = METHODS.create(name, **TINY)
+    for name in ("r50_meanpool", "r50_maxpool", "r50_mambamil"):
+        method = METHODS.create(name, **TINY, epochs=1)
         assert method.config()["patch"] == prepared.config()["patch"]
         assert method.feature_files(cohort, ctx) == prepared.feature_files(cohort, ctx)  # cached once
         check_predictions(method.run_fold(cohort, task, FOLD, seed=0, ctx=ctx), task, FOLD)
