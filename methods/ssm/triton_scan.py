@@ -35,9 +35,9 @@ LOG2E = 1.4426950408889634
 # Launch geometry. BLOCK_L tokens form one chunk (one associative scan); a segment is a whole number
 # of chunks, sized so that the grid has about TARGET_PROGRAMS programs (enough to fill 132
 # multiprocessors several times over) while the summary scan stays short.
-BLOCK_L = 32
-NUM_WARPS = 4
-TARGET_PROGRAMS = 2048
+BLOCK_L = 8
+NUM_WARPS = 1
+TARGET_PROGRAMS = 8192
 MAX_STATE = 64
 
 
@@ -67,7 +67,7 @@ def plan_geometry(batch: int, channels: int, length: int, d_state: int, block_l:
     block_l = block_l or BLOCK_L
     target_programs = target_programs or TARGET_PROGRAMS
     block_n = triton.next_power_of_2(d_state)
-    # 8 channels x 16 states x 32 tokens keeps a program's state tiles in registers.
+    # 8 channels on 8 lanes x 16 states on 4 lanes (x 4 in registers) fill one warp.
     block_e = max(1, min(triton.next_power_of_2(channels), max(1, 128 // block_n)))
     n_eblk = triton.cdiv(channels, block_e)
     segments_wanted = max(1, target_programs // max(1, batch * n_eblk))
@@ -100,7 +100,7 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
     """dt after bias and softplus, zero where masked (so padded tokens leave the state unchanged)."""
     raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw = raw + bias[:, None]
+        raw = raw + bias[None, :]
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
@@ -108,18 +108,42 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
-def _program_setup(A_ptr, bias_ptr, E, N, BE: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    pid_e = tl.program_id(0)
-    e = pid_e * BE + tl.arange(0, BE)
+def _program_setup(A_ptr, bias_ptr, D_ptr, E, N, BE: tl.constexpr, BN: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """Channel block of this program; A (times log2 e) as a [BN, BE] state tile, bias and D as [BE]."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
     n = tl.arange(0, BN)
     emask = e < E
     nmask = n < N
-    en_mask = emask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_mask, other=0.0).to(tl.float32)
+    state_mask = nmask[:, None] & emask[None, :]
+    A = tl.load(A_ptr + e[None, :] * N + n[:, None], mask=state_mask, other=0.0).to(tl.float32)
     bias = tl.zeros([BE], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    return e, n, emask, nmask, en_mask, A, bias
+    Dv = tl.zeros([BE], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    return e, n, emask, nmask, state_mask, A, bias, Dv
+
+
+@triton.jit
+def _rows(E, N, L, e, n):
+    """Offsets of this batch's (channel) rows of u-shaped tensors and (state) rows of B / C, int64."""
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_b * E + e.to(tl.int64)
+    return rows, rows * L, (pid_b * N + n.to(tl.int64)) * L
+
+
+@triton.jit
+def _state_offsets(rows, slot, n_slots, N, n):
+    """[BN, BE] offsets of state `slot` in a (rows, n_slots, N) float32 buffer."""
+    return (rows * n_slots + slot)[None, :] * N + n[:, None]
+
+
+# Tiles are token-major: [BL, BE] per channel, [BL, BN] per state, [BL, BN, BE] per (state, channel).
+# With tokens as the leading dimension Triton keeps a thread's tokens in its registers, so the scans
+# along tokens run sequentially inside threads, the channels spread over lanes and the reductions over
+# states stay mostly inside threads (checked in the SASS: few shuffles, no spills).
 
 
 @triton.jit
@@ -128,34 +152,31 @@ def _fwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, dtsu
                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Pass 1: end state of each segment from a zero start, and the segment's sum of dt."""
-    e, n, emask, nmask, en_mask, A, bias = _program_setup(A_ptr, bias_ptr, E, N, BE, BN, HAS_BIAS)
+    e, n, emask, nmask, state_mask, A, bias, _no_d = _program_setup(A_ptr, bias_ptr, bias_ptr, E, N, BE, BN,
+                                                                HAS_BIAS, False)
     A2 = A * 1.4426950408889634
+    rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    row_u = (pid_b * E + e.to(tl.int64)) * L          # [BE] start of (b, e) rows of u / delta
-    row_B = (pid_b * N + n.to(tl.int64)) * L          # [BN] start of (b, n) rows of B
     start = pid_s * seg_len
     stop = tl.minimum(start + seg_len, L)
-    h = tl.zeros([BE, BN], dtype=tl.float32)
+    h = tl.zeros([BN, BE], dtype=tl.float32)
     total = tl.zeros([BE], dtype=tl.float32)
     for c in range(start, stop, BL):
         t = c + tl.arange(0, BL)
         tmask = t < L
-        m_el = emask[:, None] & tmask[None, :]
-        dt, _ = _load_dt(delta_ptr, row_u[:, None] + t[None, :], m_el, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + row_u[:, None] + t[None, :], mask=m_el, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + row_B[:, None] + t[None, :], mask=nmask[:, None] & tmask[None, :],
+        m_el = tmask[:, None] & emask[None, :]
+        dt, _raw = _load_dt(delta_ptr, row_u[None, :] + t[:, None], m_el, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + row_u[None, :] + t[:, None], mask=m_el, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + row_B[None, :] + t[:, None], mask=tmask[:, None] & nmask[None, :],
                      other=0.0).to(tl.float32)
-        # end state of the chunk from zero: sum_t exp(A (S - cum_t)) b_t, a commutative sum
-        cum = tl.cumsum(dt, axis=1)
-        S = tl.sum(dt, axis=1)
-        w = tl.exp2(A2[:, :, None] * (S[:, None, None] - cum[:, None, :]))
-        contrib = tl.sum(w * (dt * u)[:, None, :] * Bt[None, :, :], axis=2)
-        h = tl.exp2(A2 * S[:, None]) * h + contrib
+        # end state of the chunk from zero: sum_t exp(A (S - cum_t)) b_t, a sum over tokens
+        cum = tl.cumsum(dt, axis=0)
+        S = tl.sum(dt, axis=0)
+        w = tl.exp2(A2[None, :, :] * (S[None, :] - cum)[:, None, :])
+        h = tl.exp2(A2 * S[None, :]) * h + tl.sum(w * (dt * u)[:, None, :] * Bt[:, :, None], axis=0)
         total += S
-    row_s = ((pid_b * E + e.to(tl.int64)) * n_seg + pid_s)
-    tl.store(hend_ptr + row_s[:, None] * N + n[None, :], h, mask=en_mask)
-    tl.store(dtsum_ptr + row_s, total, mask=emask)
+    tl.store(hend_ptr + _state_offsets(rows, pid_s, n_seg, N, n), h, mask=state_mask)
+    tl.store(dtsum_ptr + rows * n_seg + pid_s, total, mask=emask)
 
 
 @triton.jit
@@ -205,41 +226,36 @@ def _fwd_out_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_Z: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Pass 3: each segment scans again from its true entering state and writes the outputs."""
-    e, n, emask, nmask, en_mask, A, bias = _program_setup(A_ptr, bias_ptr, E, N, BE, BN, HAS_BIAS)
+    e, n, emask, nmask, state_mask, A, bias, Dv = _program_setup(A_ptr, bias_ptr, D_ptr, E, N, BE, BN,
+                                                                 HAS_BIAS, HAS_D)
     A2 = A * 1.4426950408889634
+    rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    row_u = (pid_b * E + e.to(tl.int64)) * L
-    row_B = (pid_b * N + n.to(tl.int64)) * L
-    carry_row = (pid_b * E + e.to(tl.int64)) * (n_seg + 1) + pid_s
-    h = tl.load(carry_ptr + carry_row[:, None] * N + n[None, :], mask=en_mask, other=0.0)
-    Dv = tl.zeros([BE], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    last = (tl.arange(0, BL) == BL - 1)[None, None, :]
+    h = tl.load(carry_ptr + _state_offsets(rows, pid_s, n_seg + 1, N, n), mask=state_mask, other=0.0)
+    last = (tl.arange(0, BL) == BL - 1)[:, None, None]
     start = pid_s * seg_len
     stop = tl.minimum(start + seg_len, L)
     for c in range(start, stop, BL):
         t = c + tl.arange(0, BL)
         tmask = t < L
-        m_el = emask[:, None] & tmask[None, :]
-        m_nl = nmask[:, None] & tmask[None, :]
-        offs_u = row_u[:, None] + t[None, :]
-        offs_B = row_B[:, None] + t[None, :]
-        dt, _ = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
+        m_el = tmask[:, None] & emask[None, :]
+        m_nl = tmask[:, None] & nmask[None, :]
+        offs_u = row_u[None, :] + t[:, None]
+        offs_B = row_B[None, :] + t[:, None]
+        dt, _raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
-        acum, hs = tl.associative_scan((a, b), axis=2, combine_fn=_affine_combine)
-        hfull = hs + acum * h[:, :, None]
-        y = tl.sum(hfull * Ct[None, :, :], axis=1) + Dv[:, None] * u
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        b = (dt * u)[:, None, :] * Bt[:, :, None]
+        acum, hs = tl.associative_scan((a, b), axis=0, combine_fn=_affine_combine)
+        hfull = hs + acum * h[None, :, :]
+        y = tl.sum(hfull * Ct[:, :, None], axis=1) + Dv[None, :] * u
         if HAS_Z:
             z = tl.load(z_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + offs_u, y.to(out_ptr.dtype.element_ty), mask=m_el)
-        h = tl.sum(tl.where(last, hfull, 0.0), axis=2)
+        h = tl.sum(tl.where(last, hfull, 0.0), axis=0)
 
 
 @triton.jit
@@ -259,41 +275,37 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, 
                         BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Backward pass 1: store the forward state at every chunk start of the segment, and the
     segment's adjoint summary W = sum_t exp(A * sum_{k=first}^{t} dt_k) C_t dy_t (r from a zero end)."""
-    e, n, emask, nmask, en_mask, A, bias = _program_setup(A_ptr, bias_ptr, E, N, BE, BN, HAS_BIAS)
+    e, n, emask, nmask, state_mask, A, bias, _no_d = _program_setup(A_ptr, bias_ptr, bias_ptr, E, N, BE, BN,
+                                                                HAS_BIAS, False)
     A2 = A * 1.4426950408889634
+    rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    rows = pid_b * E + e.to(tl.int64)
-    row_u = rows * L
-    row_B = (pid_b * N + n.to(tl.int64)) * L
-    h = tl.load(carry_ptr + (rows * (n_seg + 1) + pid_s)[:, None] * N + n[None, :], mask=en_mask,
-                other=0.0)
-    W = tl.zeros([BE, BN], dtype=tl.float32)
+    h = tl.load(carry_ptr + _state_offsets(rows, pid_s, n_seg + 1, N, n), mask=state_mask, other=0.0)
+    W = tl.zeros([BN, BE], dtype=tl.float32)
     before = tl.zeros([BE], dtype=tl.float32)  # sum of dt from the segment start to this chunk
     start = pid_s * seg_len
     stop = tl.minimum(start + seg_len, L)
     for c in range(start, stop, BL):
-        chunk = c // BL
-        tl.store(hchunk_ptr + (rows * n_chunks + chunk)[:, None] * N + n[None, :], h, mask=en_mask)
+        tl.store(hchunk_ptr + _state_offsets(rows, c // BL, n_chunks, N, n), h, mask=state_mask)
         t = c + tl.arange(0, BL)
         tmask = t < L
-        m_el = emask[:, None] & tmask[None, :]
-        m_nl = nmask[:, None] & tmask[None, :]
-        offs_u = row_u[:, None] + t[None, :]
-        offs_B = row_B[:, None] + t[None, :]
-        dt, _ = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
+        m_el = tmask[:, None] & emask[None, :]
+        m_nl = tmask[:, None] & nmask[None, :]
+        offs_u = row_u[None, :] + t[:, None]
+        offs_B = row_B[None, :] + t[:, None]
+        dt, _raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         dy = _dy_of(dout_ptr, z_ptr, offs_u, m_el, HAS_Z)
-        cum = tl.cumsum(dt, axis=1)
-        S = tl.sum(dt, axis=1)
-        w_end = tl.exp2(A2[:, :, None] * (S[:, None, None] - cum[:, None, :]))
-        h = tl.exp2(A2 * S[:, None]) * h + tl.sum(w_end * (dt * u)[:, None, :] * Bt[None, :, :], axis=2)
-        w_start = tl.exp2(A2[:, :, None] * (before[:, None, None] + cum[:, None, :]))
-        W += tl.sum(w_start * dy[:, None, :] * Ct[None, :, :], axis=2)
+        cum = tl.cumsum(dt, axis=0)
+        S = tl.sum(dt, axis=0)
+        w_end = tl.exp2(A2[None, :, :] * (S[None, :] - cum)[:, None, :])
+        h = tl.exp2(A2 * S[None, :]) * h + tl.sum(w_end * (dt * u)[:, None, :] * Bt[:, :, None], axis=0)
+        w_start = tl.exp2(A2[None, :, :] * (before[None, :] + cum)[:, None, :])
+        W += tl.sum(w_start * dy[:, None, :] * Ct[:, :, None], axis=0)
         before += S
-    tl.store(wsum_ptr + (rows * n_seg + pid_s)[:, None] * N + n[None, :], W, mask=en_mask)
+    tl.store(wsum_ptr + _state_offsets(rows, pid_s, n_seg, N, n), W, mask=state_mask)
 
 
 @triton.jit
@@ -307,86 +319,81 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     """Backward pass 3: walk the segment's chunks from the last; per chunk recompute h from the
     stored chunk-start state, scan the adjoint g backwards from the carried r, form the gradients.
     dA, dD, ddelta_bias are accumulated per program and summed by the caller."""
-    e, n, emask, nmask, en_mask, A, bias = _program_setup(A_ptr, bias_ptr, E, N, BE, BN, HAS_BIAS)
+    e, n, emask, nmask, state_mask, A, bias, Dv = _program_setup(A_ptr, bias_ptr, D_ptr, E, N, BE, BN,
+                                                                 HAS_BIAS, HAS_D)
     A2 = A * 1.4426950408889634
+    rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    rows = pid_b * E + e.to(tl.int64)
-    row_u = rows * L
-    row_B = (pid_b * N + n.to(tl.int64)) * L
-    r = tl.load(rcarry_ptr + (rows * (n_seg + 1) + pid_s + 1)[:, None] * N + n[None, :], mask=en_mask,
-                other=0.0)
-    Dv = tl.zeros([BE], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    dA_acc = tl.zeros([BE, BN], dtype=tl.float32)
+    r = tl.load(rcarry_ptr + _state_offsets(rows, pid_s + 1, n_seg + 1, N, n), mask=state_mask, other=0.0)
+    dA_acc = tl.zeros([BN, BE], dtype=tl.float32)
     dD_acc = tl.zeros([BE], dtype=tl.float32)
     dbias_acc = tl.zeros([BE], dtype=tl.float32)
     tpos = tl.arange(0, BL)
-    first = (tpos == 0)[None, None, :]
-    last = (tpos == BL - 1)[None, None, :]
+    first = (tpos == 0)[:, None, None]
+    last = (tpos == BL - 1)[:, None, None]
     start = pid_s * seg_len
     n_ch = tl.cdiv(tl.minimum(seg_len, L - start), BL)
     for i in range(0, n_ch):
         c = start + (n_ch - 1 - i) * BL
-        chunk = c // BL
-        h0 = tl.load(hchunk_ptr + (rows * n_chunks + chunk)[:, None] * N + n[None, :], mask=en_mask,
-                     other=0.0)
+        h0 = tl.load(hchunk_ptr + _state_offsets(rows, c // BL, n_chunks, N, n), mask=state_mask, other=0.0)
         t = c + tpos
         tmask = t < L
-        m_el = emask[:, None] & tmask[None, :]
-        m_nl = nmask[:, None] & tmask[None, :]
-        offs_u = row_u[:, None] + t[None, :]
-        offs_B = row_B[:, None] + t[None, :]
+        m_el = tmask[:, None] & emask[None, :]
+        m_nl = tmask[:, None] & nmask[None, :]
+        offs_u = row_u[None, :] + t[:, None]
+        offs_B = row_B[None, :] + t[:, None]
         dt, raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
         # dt of the next token: a_{t+1} carries the adjoint back (the chunk's last token takes r instead)
-        next_mask = emask[:, None] & ((t + 1) < L)[None, :]
-        dt_next, _ = _load_dt(delta_ptr, offs_u + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        next_mask = ((t + 1) < L)[:, None] & emask[None, :]
+        dt_next, _raw_next = _load_dt(delta_ptr, offs_u + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
         # forward states inside the chunk
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
-        acum, hs = tl.associative_scan((a, b), axis=2, combine_fn=_affine_combine)
-        h = hs + acum * h0[:, :, None]
-        y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        b = (dt * u)[:, None, :] * Bt[:, :, None]
+        acum, hs = tl.associative_scan((a, b), axis=0, combine_fn=_affine_combine)
+        h = hs + acum * h0[None, :, :]
         if HAS_Z:
+            y = tl.sum(h * Ct[:, :, None], axis=1) + Dv[None, :] * u
             z = tl.load(z_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + offs_u, dz.to(dz_ptr.dtype.element_ty), mask=m_el)
+            tl.store(dz_ptr + offs_u, (dout * y * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty),
+                     mask=m_el)
             dy = dout * z * sz
         else:
             dy = dout
         # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, reverse scan, r enters at the chunk's last token
-        alpha = tl.where(last, 0.0, tl.exp2(dt_next[:, None, :] * A2[:, :, None]))
-        beta = Ct[None, :, :] * dy[:, None, :] + tl.where(last, r[:, :, None], 0.0)
-        _, g = tl.associative_scan((alpha, beta), axis=2, combine_fn=_affine_combine, reverse=True)
-        r = tl.sum(tl.where(first, a * g, 0.0), axis=2)
-        term = g * (h - b)                       # g_t a_t h_{t-1}: the gradient at log a_t
-        dA_acc += tl.sum(term * dt[:, None, :], axis=2)
-        gB = tl.sum(g * Bt[None, :, :], axis=1)  # [BE, BL]
-        ddt = tl.sum(term * A[:, :, None], axis=1) + gB * u
-        du = gB * dt + Dv[:, None] * dy
-        dD_acc += tl.sum(dy * u, axis=1)
+        alpha = tl.where(last, 0.0, tl.exp2(dt_next[:, None, :] * A2[None, :, :]))
+        beta = Ct[:, :, None] * dy[:, None, :] + tl.where(last, r[None, :, :], 0.0)
+        # reverse scan as flip + forward scan + flip: Triton's reverse=True shuffles between lanes
+        # here, while flips of a thread-local axis only rename registers
+        _, g = tl.associative_scan((tl.flip(alpha, 0), tl.flip(beta, 0)), axis=0, combine_fn=_affine_combine)
+        g = tl.flip(g, 0)
+        r = tl.sum(tl.where(first, a * g, 0.0), axis=0)
+        term = g * (h - b)                        # g_t a_t h_{t-1}: the gradient at log a_t
+        dA_acc += tl.sum(term * dt[:, None, :], axis=0)
+        gB = tl.sum(g * Bt[:, :, None], axis=1)   # [BL, BE]
+        ddt = tl.sum(term * A[None, :, :], axis=1) + gB * u
+        du = gB * dt + Dv[None, :] * dy
+        dD_acc += tl.sum(dy * u, axis=0)
         if SOFTPLUS:
             ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
         ddt = tl.where(m_el, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
+        dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_ptr + offs_u, du.to(du_ptr.dtype.element_ty), mask=m_el)
         tl.store(ddelta_ptr + offs_u, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_el)
-        dBt = tl.sum(g * (dt * u)[:, None, :], axis=0)
-        dCt = tl.sum(h * dy[:, None, :], axis=0)
+        dBt = tl.sum(g * (dt * u)[:, None, :], axis=2)
+        dCt = tl.sum(h * dy[:, None, :], axis=2)
         if ATOMIC_BC:
             tl.atomic_add(dB_ptr + offs_B, dBt, mask=m_nl, sem="relaxed")
             tl.atomic_add(dC_ptr + offs_B, dCt, mask=m_nl, sem="relaxed")
         else:
             tl.store(dB_ptr + offs_B, dBt.to(dB_ptr.dtype.element_ty), mask=m_nl)
             tl.store(dC_ptr + offs_B, dCt.to(dC_ptr.dtype.element_ty), mask=m_nl)
-    prog = (pid_b * n_seg + pid_s) * E + e.to(tl.int64)    # partials laid out (batch, n_seg, E, ...)
-    tl.store(dA_ptr + prog[:, None] * N + n[None, :], dA_acc, mask=en_mask)
+    prog = (tl.program_id(2).to(tl.int64) * n_seg + pid_s) * E + e.to(tl.int64)  # (batch, n_seg, E, ...)
+    tl.store(dA_ptr + prog[None, :] * N + n[:, None], dA_acc, mask=state_mask)
     tl.store(dD_ptr + prog, dD_acc, mask=emask)
     tl.store(dbias_ptr + prog, dbias_acc, mask=emask)
 
