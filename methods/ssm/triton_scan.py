@@ -39,6 +39,9 @@ BLOCK_L = 8
 NUM_WARPS = 1
 TARGET_PROGRAMS = 8192
 MAX_STATE = 64
+# Register cap of the backward's main kernel (None: the compiler's choice, ~245 per thread, which
+# leaves 8 one-warp programs per multiprocessor); a cap trades a few spills for occupancy.
+BWD_MAXNREG: int | None = None
 
 
 @dataclass(frozen=True)
@@ -351,10 +354,12 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
         # forward states inside the chunk
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        b = (dt * u)[:, None, :] * Bt[:, :, None]
-        acum, hs = tl.associative_scan((a, b), axis=0, combine_fn=_affine_combine)
+        dtu = dt * u
+        b = dtu[:, None, :] * Bt[:, :, None]
+        acum, hs = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[None, :, :]), b), axis=0,
+                                       combine_fn=_affine_combine)
         h = hs + acum * h0[None, :, :]
+        h_prev_decayed = h - b                    # a_t h_{t-1}: keeps b and a out of the registers
         if HAS_Z:
             y = tl.sum(h * Ct[:, :, None], axis=1) + Dv[None, :] * u
             z = tl.load(z_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
@@ -364,6 +369,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
             dy = dout * z * sz
         else:
             dy = dout
+        dCt = tl.sum(h * dy[:, None, :], axis=2)  # before the adjoint scan, so h is dead during it
         # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, reverse scan, r enters at the chunk's last token
         alpha = tl.where(last, 0.0, tl.exp2(dt_next[:, None, :] * A2[None, :, :]))
         beta = Ct[:, :, None] * dy[:, None, :] + tl.where(last, r[None, :, :], 0.0)
@@ -371,8 +377,10 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         # here, while flips of a thread-local axis only rename registers
         _, g = tl.associative_scan((tl.flip(alpha, 0), tl.flip(beta, 0)), axis=0, combine_fn=_affine_combine)
         g = tl.flip(g, 0)
-        r = tl.sum(tl.where(first, a * g, 0.0), axis=0)
-        term = g * (h - b)                        # g_t a_t h_{t-1}: the gradient at log a_t
+        # r for the previous chunk: a_first g_first, with a_first recomputed from the first token's dt
+        dt_first = tl.sum(tl.where((tpos == 0)[:, None], dt, 0.0), axis=0)
+        r = tl.exp2(A2 * dt_first[None, :]) * tl.sum(tl.where(first, g, 0.0), axis=0)
+        term = g * h_prev_decayed                 # g_t a_t h_{t-1}: the gradient at log a_t
         dA_acc += tl.sum(term * dt[:, None, :], axis=0)
         gB = tl.sum(g * Bt[:, :, None], axis=1)   # [BL, BE]
         ddt = tl.sum(term * A[None, :, :], axis=1) + gB * u
@@ -384,8 +392,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_ptr + offs_u, du.to(du_ptr.dtype.element_ty), mask=m_el)
         tl.store(ddelta_ptr + offs_u, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_el)
-        dBt = tl.sum(g * (dt * u)[:, None, :], axis=2)
-        dCt = tl.sum(h * dy[:, None, :], axis=2)
+        dBt = tl.sum(g * dtu[:, None, :], axis=2)
         if ATOMIC_BC:
             tl.atomic_add(dB_ptr + offs_B, dBt, mask=m_nl, sem="relaxed")
             tl.atomic_add(dC_ptr + offs_B, dCt, mask=m_nl, sem="relaxed")
@@ -502,7 +509,8 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, carry, 
                            dA_part, dD_part, dbias_part,
                            geo.channels, geo.d_state, geo.length, geo.seg_len, geo.n_seg,
                            geo.n_chunks, **flags, HAS_D=D is not None, HAS_Z=z is not None,
-                           ATOMIC_BC=atomic, **blocks, num_warps=NUM_WARPS)
+                           ATOMIC_BC=atomic, **blocks, num_warps=NUM_WARPS,
+                           **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
