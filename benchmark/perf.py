@@ -286,6 +286,21 @@ def training_step_fn(model_name: str, pixels: int, checkpointing: bool, dtype):
     return step
 
 
+def profile_step(model_name: str, size: str, dtype, path: str, top: int = 15) -> None:
+    """Print the GPU kernels that take the most time in one training step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with scan_path(path):
+        step = training_step_fn(model_name, SIZES[size], False, dtype)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    print(f"[profile] pixel_mamba_{model_name} {size} {path} path")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def bench_step(models, sizes, dtype, paths=("ours", "stock"), checkpointing=(False, True)) -> list[dict]:
     rows = []
     for model_name in models:
@@ -433,6 +448,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-checkpointing", action="store_true", help="step: skip the checkpointed runs")
     parser.add_argument("--find-max", action="store_true",
                         help="step: also search the largest image that fits (pixel_mamba_6m, checkpointed)")
+    parser.add_argument("--profile", action="store_true",
+                        help="step: print the top GPU kernels of one step per model and size (our path)")
     parser.add_argument("--append", type=Path, default=None, help="append the Markdown results to this file")
     parser.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
     return parser.parse_args(argv)
@@ -462,6 +479,10 @@ def main(argv=None) -> None:
     if "step" in args.sections:
         checkpointing = (False,) if args.no_checkpointing else (False, True)
         results["step"] = bench_step(args.models, args.sizes, dtype, tuple(args.paths), checkpointing)
+        if args.profile:
+            for model_name in args.models:
+                for size in args.sizes:
+                    profile_step(model_name, size, dtype, args.paths[0])
         if args.find_max:
             results["largest image"] = largest_fitting_image("6m", dtype, SIZES["32M"])
     if "features" in args.sections:
