@@ -484,7 +484,7 @@ def main(argv=None) -> None:
                 for size in args.sizes:
                     profile_step(model_name, size, dtype, args.paths[0])
         if args.find_max:
-            results["largest image"] = largest_fitting_image("6m", dtype, SIZES["32M"])
+            results["largest image"] = largest_fitting_image("6m", dtype, SIZES["32M"], factor=1.5)
     if "features" in args.sections:
         results["features"] = bench_features()
     command = "python -m benchmark.perf " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
