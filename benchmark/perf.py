@@ -386,12 +386,9 @@ def bench_features(batch: int = 256) -> list[dict]:
 
 
 def _resnet50_trunc(timm):
-    """CLAM's ResNet-50 cut after layer3 (1024-d), from methods/encoders when present."""
-    try:
-        from methods.encoders.resnet50_trunc import build_resnet50_trunc
-        return build_resnet50_trunc(pretrained=False)
-    except ImportError:
-        return timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
+    """CLAM's ResNet-50 cut after layer3 (1024-d features): timm's resnet50 up to its 4th feature map
+    (the same layers methods/encoders' ResNet50Trunc runs; random weights, compute only)."""
+    return timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
 
 
 # ---------------------------------------------------------------------------------------------------
