@@ -294,11 +294,21 @@ def profile_step(model_name: str, size: str, dtype, path: str, top: int = 15) ->
         step = training_step_fn(model_name, SIZES[size], False, dtype)
         step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
     print(f"[profile] pixel_mamba_{model_name} {size} {path} path")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    print(tabulate_ops(sorted(ops, key=lambda e: -e.device_time_total)[:top]))
+
+
+def tabulate_ops(events) -> str:
+    """aten ops by the GPU time of the kernels they launch (children included)."""
+    from tabulate import tabulate
+
+    return tabulate([[e.key, e.count, round(e.device_time_total / 1e3, 1)] for e in events],
+                    headers=["aten op", "calls", "GPU ms (incl. children)"])
 
 
 def bench_step(models, sizes, dtype, paths=("ours", "stock"), checkpointing=(False, True)) -> list[dict]:
@@ -445,6 +455,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-checkpointing", action="store_true", help="step: skip the checkpointed runs")
     parser.add_argument("--find-max", action="store_true",
                         help="step: also search the largest image that fits (pixel_mamba_6m, checkpointed)")
+    parser.add_argument("--find-max-from", type=float, default=32.0, metavar="MEGAPIXELS",
+                        help="step --find-max: first image size tried (default 32)")
+    parser.add_argument("--find-max-factor", type=float, default=1.5,
+                        help="step --find-max: growth factor between tries (default 1.5)")
     parser.add_argument("--profile", action="store_true",
                         help="step: print the top GPU kernels of one step per model and size (our path)")
     parser.add_argument("--append", type=Path, default=None, help="append the Markdown results to this file")
@@ -481,7 +495,8 @@ def main(argv=None) -> None:
                 for size in args.sizes:
                     profile_step(model_name, size, dtype, args.paths[0])
         if args.find_max:
-            results["largest image"] = largest_fitting_image("6m", dtype, SIZES["32M"], factor=1.5)
+            results["largest image"] = largest_fitting_image(
+                "6m", dtype, int(args.find_max_from * 2**20), factor=args.find_max_factor)
     if "features" in args.sections:
         results["features"] = bench_features()
     command = "python -m benchmark.perf " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
