@@ -130,8 +130,8 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
 
 def supports_cuda(info: ScanInfo) -> bool:
-    return info.device.type == "cuda" and info.dtype in (torch.float32, torch.float16, torch.bfloat16) \
-        and scan_kernel_available()
+    return (info.device.type == "cuda" and info.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and info.state <= 256 and scan_kernel_available())  # the kernel's d_state limit
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -102,7 +102,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
-        h = torch.exp(delta_[:, :, t, None] * A_) * h + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        impulse = (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        h = torch.exp(delta_[:, :, t, None] * A_) * h + impulse
         ys.append((h * C_[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
@@ -152,47 +153,64 @@ def _linear_scan(a, b, reverse=False):
     a_even, a_odd = a.unflatten(2, (length // 2, 2)).unbind(3)
     b_even, b_odd = b.unflatten(2, (length // 2, 2)).unbind(3)
     pair = F.threshold(a_odd * a_even, math.exp(_log_floor(a.dtype)), 0.0)  # see _decay
+    h = torch.empty_like(b)  # results are written straight into its even / odd views
+    h_even, h_odd = h.unflatten(2, (length // 2, 2)).unbind(3)
     if not reverse:  # pairs (2i, 2i+1) -> h at odd t, then h_2i = a_2i h_2i-1 + b_2i
-        h_odd = _linear_scan(pair, a_odd * b_even + b_odd)
-        h_even = a_even * F.pad(h_odd[:, :, :-1], (0, 0, 1, 0)) + b_even
+        h_odd.copy_(_linear_scan(pair, torch.addcmul(b_odd, a_odd, b_even)))
+        h_even[:, :, :1] = b_even[:, :, :1]
+        torch.addcmul(b_even[:, :, 1:], a_even[:, :, 1:], h_odd[:, :, :-1], out=h_even[:, :, 1:])
     else:  # h at even t, then h_2i+1 = a_2i+1 h_2i+2 + b_2i+1
-        h_even = _linear_scan(pair, a_even * b_odd + b_even, reverse=True)
-        h_odd = a_odd * F.pad(h_even[:, :, 1:], (0, 0, 0, 1)) + b_odd
-    return torch.stack((h_even, h_odd), dim=3).flatten(2, 3)
+        h_even.copy_(_linear_scan(pair, torch.addcmul(b_even, a_even, b_odd), reverse=True))
+        h_odd[:, :, -1:] = b_odd[:, :, -1:]
+        torch.addcmul(b_odd[:, :, :-1], a_odd[:, :, :-1], h_even[:, :, 1:], out=h_odd[:, :, :-1])
+    return h
 
 
-def _chunk_states(delta, du, A, B, h0):
+def _per_token(x):
+    """(batch, N, T) -> (batch, 1, T, N), contiguous: broadcasting a transposed view against
+    (batch, E, T, N) tensors, or contracting with einsum, is several times slower on CPU."""
+    return x.transpose(1, 2).unsqueeze(1).contiguous()
+
+
+def _contract_state(x, per_token):
+    # sum_n x[b, e, t, n] * per_token[b, 0, t, n] -> (batch, E, T), as a product and a mat-vec.
+    return (x * per_token) @ x.new_ones(x.shape[-1])
+
+
+def _chunk_states(delta, du, A, B_t, h0):
     """States h_t of one chunk from h0, and the decays a_t = exp(delta_t A): both (batch, E, T, N).
 
-    delta, du = delta * u: (batch, E, T); B: (batch, N, T); h0: (batch, E, N)."""
+    delta, du = delta * u: (batch, E, T); B_t: (batch, 1, T, N); h0: (batch, E, N). No autograd: runs
+    inside _ChunkedScan, which is why the in-place updates of fresh tensors here and below are safe."""
     decay = _decay(delta.unsqueeze(-1) * A.unsqueeze(1))
-    impulse = du.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    # h0 enters as part of the first step's input: h_0 = a_0 h0 + b_0
-    impulse = torch.cat((impulse[:, :, :1] + decay[:, :, :1] * h0.unsqueeze(2), impulse[:, :, 1:]), dim=2)
+    impulse = du.unsqueeze(-1) * B_t
+    impulse[:, :, 0] += decay[:, :, 0] * h0  # h0 enters through the first step: h_0 = a_0 h0 + b_0
     return _linear_scan(decay, impulse), decay
 
 
 def _chunk_forward(delta, du, A, B, C, h0):
-    h, _ = _chunk_states(delta, du, A, B, h0)
-    return torch.einsum("betn,bnt->bet", h, C), h[:, :, -1]
+    h, _ = _chunk_states(delta, du, A, _per_token(B), h0)
+    return _contract_state(h, _per_token(C)), h[:, :, -1]
 
 
 def _chunk_backward(delta, du, A, B, C, h0, dy, dh_last):
     """Gradients of one chunk given those of its outputs y and last state (the adjoint recurrence).
 
     g_t = dLoss/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1}: the same linear scan run backwards in time."""
-    h, decay = _chunk_states(delta, du, A, B, h0)
-    direct = dy.unsqueeze(-1) * C.transpose(1, 2).unsqueeze(1)
+    B_t, C_t = _per_token(B), _per_token(C)
+    h, decay = _chunk_states(delta, du, A, B_t, h0)
+    direct = dy.unsqueeze(-1) * C_t
     direct[:, :, -1] += dh_last
     next_decay = F.pad(decay[:, :, 1:], (0, 0, 0, 1), value=1.0)  # a_{t+1}; the last one meets g_T = 0
     g = _linear_scan(next_decay, direct, reverse=True)
-    h_prev = torch.cat((h0.unsqueeze(2), h[:, :, :-1]), dim=2)
-    g_exponent = g * h_prev * decay  # dLoss/d(delta_t A) per element
+    g_exponent = g * decay  # times h_{t-1}: dLoss/d(delta_t A) per element
+    g_exponent[:, :, 1:] *= h[:, :, :-1]
+    g_exponent[:, :, 0] *= h0
     return (torch.einsum("betn,en->bet", g_exponent, A),  # delta
-            torch.einsum("betn,bnt->bet", g, B),  # du
-            torch.einsum("betn,bet->en", g_exponent, delta),  # A
-            torch.einsum("betn,bet->bnt", g, du),  # B
-            torch.einsum("bet,betn->bnt", dy, h),  # C
+            _contract_state(g, B_t),  # du
+            (delta.unsqueeze(2) @ g_exponent).sum(0).squeeze(1),  # A
+            (g * du.unsqueeze(-1)).sum(1).transpose(1, 2),  # B
+            (h * dy.unsqueeze(-1)).sum(1).transpose(1, 2),  # C
             decay[:, :, 0] * g[:, :, 0])  # h0
 
 
@@ -261,8 +279,8 @@ def _readout_chunk(delta, A, C, h0):
 def initial_state_readout(delta, A, C, h0, chunk=None):
     """What an initial state h0 adds to the outputs: C_t . (exp(A sum_{s<=t} delta_s) * h0), (batch, E, L).
 
-    Stops as soon as the decayed state is exactly zero in floating point (every later term is then
-    exactly zero too), so it usually costs a short prefix of the sequence."""
+    Stops as soon as the decayed state is zero (every factor below e^-43, see `_decay`): every later
+    term is then zero too, so this usually costs a short prefix of the sequence. Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, A, C, h0))
@@ -288,7 +306,7 @@ def _final_chunk(delta, du, A, B, to_end):
 def final_state(delta, du, A, B, h0=None, chunk=None):
     """Last state of the recurrence, sum_t exp(A sum_{s>t} delta_s) du_t B_t (+ the decayed h0).
 
-    Walks back from the end and stops once the decay to the end is exactly zero in floating point."""
+    Walks back from the end and stops once the decay to the end is zero (see `_decay`). Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(
@@ -309,7 +327,7 @@ def final_state(delta, du, A, B, h0=None, chunk=None):
 
 def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, chunk=None):
-    """The "reference" backend: chunked parallel scan, checkpointed per chunk under autograd."""
+    """The "reference" backend: chunked parallel scan; backward recomputes one chunk at a time."""
     dtype = compute_dtype(u.dtype)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_ = u.to(dtype)
@@ -378,8 +396,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     backend: "auto" | "reference" | "cuda" | any name given to `register_backend`. Unlike the stock
     kernel, the reference backend propagates gradients through last_state."""
-    info = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    info = ScanInfo(**{**info.__dict__, "return_last_state": return_last_state})
+    info = replace(_check_inputs(u, delta, A, B, C, D, z, delta_bias), return_last_state=return_last_state)
     chosen = _pick_backend(backend, info)
     return chosen.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
