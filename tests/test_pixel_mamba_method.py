@@ -5,22 +5,18 @@ import pandas as pd
 import pytest
 import torch
 
-import _standin_mixer
-
-_standin_mixer.install()
-
-from benchmark.api import RunContext  # noqa: E402
-from benchmark.registry import METHODS  # noqa: E402
-from datasets.cohorts.base import Cohort, Fold, Task  # noqa: E402
-from methods.pixel_mamba.method import (  # noqa: E402
+from benchmark.api import RunContext
+from benchmark.registry import METHODS
+from datasets.cohorts.base import Cohort, Fold, Task
+from methods.pixel_mamba.method import (
     DEMO_PRESET,
     _targets,
     image_region_pixels,
     patient_pixels,
     vote,
 )
-from methods.pixel_mamba.model import pixel_mamba_6m  # noqa: E402
-from methods.pixel_mamba.weights import load_weights  # noqa: E402
+from methods.pixel_mamba.model import pixel_mamba_6m
+from methods.pixel_mamba.weights import load_weights
 
 PINK, BLUE = (180, 90, 160), (90, 70, 190)
 

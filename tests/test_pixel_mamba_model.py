@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import _standin_mixer
-
-_standin_mixer.install()
-
-from methods.pixel_mamba.method import Sample, accumulation_steps, predict_logits, train_model  # noqa: E402
-from methods.pixel_mamba.model import pixel_mamba, pixel_mamba_6m, pixel_mamba_21m  # noqa: E402
+from methods.pixel_mamba.method import Sample, accumulation_steps, predict_logits, train_model
+from methods.pixel_mamba.model import pixel_mamba, pixel_mamba_6m, pixel_mamba_21m
 
 
 def tiny_pixels(n: int, seed: int = 0) -> torch.Tensor:

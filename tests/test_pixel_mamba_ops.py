@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import _standin_mixer
-
-_standin_mixer.install()
-
-from methods.pixel_mamba.layers import H_AVG, H_CAT, TABLE_6M, TABLE_21M, V_AVG, V_CAT, output_shape  # noqa: E402
-from methods.pixel_mamba.token_ops import (  # noqa: E402
+from methods.pixel_mamba.layers import H_AVG, H_CAT, TABLE_6M, TABLE_21M, V_AVG, V_CAT, output_shape
+from methods.pixel_mamba.token_ops import (
     cut_regions,
     deserialize,
     fusion_count,

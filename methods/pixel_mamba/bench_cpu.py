@@ -3,8 +3,10 @@
     python -m methods.pixel_mamba.bench_cpu --tokens 1000000          # the issue's 10^6-token check
     python -m methods.pixel_mamba.bench_cpu --tokens 20000 --steps 3  # the synthetic demo's slide size
 
-Each step is forward + backward + AdamW on random pixels of tokens/1024 regions of 32 x 32. Peak memory
-is the process's peak resident set (ru_maxrss), printed with the resident set before the first step.
+Each step is forward + backward + AdamW on random pixels of tokens/1024 regions of 32 x 32. Printed per
+step: wall time and the process's CPU time (user + system: on a shared machine, CPU time with
+--threads 1 is the figure that other jobs do not inflate), and the peak resident set (ru_maxrss), with
+the resident set before the first step.
 """
 from __future__ import annotations
 
@@ -40,14 +42,14 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} threads, checkpointing {'on' if args.checkpoint_layers else 'off'}; "
           f"resident before: {peak_rss_mib():.0f} MiB")
     for step in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = torch.nn.functional.cross_entropy(model(pixels), torch.tensor([step % 2]))
         forward = time.perf_counter() - start
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"step {step + 1}: forward {forward:.2f} s, forward+backward+update {time.perf_counter() - start:.2f} s, "
-              f"peak resident {peak_rss_mib():.0f} MiB")
+        print(f"step {step + 1}: forward {forward:.2f} s, forward+backward+update {time.perf_counter() - start:.2f} s "
+              f"(CPU time {time.process_time() - cpu_start:.2f} s), peak resident {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

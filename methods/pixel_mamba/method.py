@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
 
 from benchmark.api import FoldOutput, Method, RunContext
 from benchmark.registry import METHODS
@@ -315,7 +317,7 @@ def train_model(
     Returns the mean training loss of each epoch."""
     rng = np.random.default_rng(seed)
     per_epoch = sum(sample.n_inputs for sample in samples)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(per_epoch / accumulation))
     history = []
     model.train()
@@ -340,6 +342,12 @@ def train_model(
         history.append(float(np.mean(losses)))
         log.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, history[-1])
     return history
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and the parameters Mamba marks (A_log, D), as Vim/DeiT train."""
+    marked = [name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=marked)
 
 
 @torch.no_grad()
