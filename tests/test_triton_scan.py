@@ -12,7 +12,13 @@ from methods.ssm.scan import selective_scan_ref  # noqa: E402
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen):
+def _channel_last(x):
+    """The same values as a (batch, rows, L) view of (batch, L, rows) memory, like the mixer's views."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen,
+            strided=False):
     def draw(*shape, scale=1.0, shift=0.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
 
@@ -28,8 +34,11 @@ def _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, so
         if x is None:
             on_device[name] = None
             continue
-        low = dtype if name in ("u", "delta", "B", "C", "z") else torch.float32
-        on_device[name] = x.to(low).cuda().requires_grad_(True)
+        sequence = name in ("u", "delta", "B", "C", "z")
+        x = x.to(dtype if sequence else torch.float32).cuda()
+        if strided and sequence:
+            x = _channel_last(x)
+        on_device[name] = x.requires_grad_(True)
     return on_device
 
 
@@ -47,13 +56,13 @@ def _rel(x, ref):
 
 
 def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=True, with_bias=True,
-           softplus=True, target_programs=None, seed=0, monkeypatch=None):
+           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False):
     from methods.ssm import triton_scan
 
     if target_programs is not None:  # force many segments on a short sequence
         monkeypatch.setattr(triton_scan, "TARGET_PROGRAMS", target_programs)
     gen = torch.Generator().manual_seed(seed)
-    ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen)
+    ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen, strided)
     oracle_ins = {k: None if v is None else v.detach().double().cpu().requires_grad_(True)
                   for k, v in ins.items()}
     dout = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)
@@ -66,7 +75,8 @@ def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=Tr
     assert out.dtype == dtype and out.shape == (batch, channels, length)
     errors = {"out": _rel(out, ref), "last_state": _rel(last, ref_last)}
     _poison_allocator()
-    out.backward(dout.to(dtype).cuda())
+    dout_device = dout.to(dtype).cuda()
+    out.backward(_channel_last(dout_device) if strided else dout_device)
     ref.backward(dout.to(dtype).double())
     for name in NAMES:
         if ins[name] is not None:
@@ -90,6 +100,12 @@ def test_fp32_matches_oracle(batch, channels, length, state, target_programs, mo
 def test_fp32_without_optional_inputs(monkeypatch):
     _check(2, 12, 517, 16, torch.float32, 1e-4, with_d=False, with_z=False, with_bias=False,
            softplus=False, target_programs=16, seed=1, monkeypatch=monkeypatch)
+
+
+def test_fp32_strided_views_match_oracle(monkeypatch):
+    """Inputs and output gradient as transposed views (the mixer's layout) are read in place."""
+    _check(2, 6, 1234, 16, torch.float32, 1e-4, target_programs=24, seed=7, monkeypatch=monkeypatch,
+           strided=True)
 
 
 @pytest.mark.parametrize("channels,length", [(6, 3001), (48, 1500)])

@@ -138,6 +138,15 @@ def _rows(E, N, L, e, n):
 
 
 @triton.jit
+def _tile_offsets(idx, t, s_b, s_i, s_l):
+    """[BL, len(idx)] element offsets of tokens t and rows idx (channels or states) of this batch in a
+    strided (batch, rows, L) tensor: inputs keep their own layout (the mixer passes transposed views),
+    so no contiguous copy is made."""
+    pid_b = tl.program_id(2).to(tl.int64)
+    return (pid_b * s_b + idx.to(tl.int64) * s_i)[None, :] + t.to(tl.int64)[:, None] * s_l
+
+
+@triton.jit
 def _state_offsets(rows, slot, n_slots, N, n):
     """[BN, BE] offsets of state `slot` in a (rows, n_slots, N) float32 buffer."""
     return (rows * n_slots + slot)[None, :] * N + n[:, None]
@@ -151,7 +160,7 @@ def _state_offsets(rows, slot, n_slots, N, n):
 
 @triton.jit
 def _fwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, dtsum_ptr,
-                        E, N, L, seg_len, n_seg,
+                        E, N, L, seg_len, n_seg, su_b, su_e, su_l, sd_b, sd_e, sd_l, sB_b, sB_n, sB_l,
                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Pass 1: end state of each segment from a zero start, and the segment's sum of dt."""
@@ -168,9 +177,10 @@ def _fwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, dtsu
         t = c + tl.arange(0, BL)
         tmask = t < L
         m_el = tmask[:, None] & emask[None, :]
-        dt, _raw = _load_dt(delta_ptr, row_u[None, :] + t[:, None], m_el, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + row_u[None, :] + t[:, None], mask=m_el, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + row_B[None, :] + t[:, None], mask=tmask[:, None] & nmask[None, :],
+        dt, _raw = _load_dt(delta_ptr, _tile_offsets(e, t, sd_b, sd_e, sd_l), m_el, bias, HAS_BIAS,
+                            SOFTPLUS)
+        u = tl.load(u_ptr + _tile_offsets(e, t, su_b, su_e, su_l), mask=m_el, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + _tile_offsets(n, t, sB_b, sB_n, sB_l), mask=tmask[:, None] & nmask[None, :],
                      other=0.0).to(tl.float32)
         # end state of the chunk from zero: sum_t exp(A (S - cum_t)) b_t, a sum over tokens
         cum = tl.cumsum(dt, axis=0)
@@ -225,7 +235,7 @@ def _carry_kernel(summ_ptr, dtsum_ptr, A_ptr, carry_ptr, E, N, n_seg,
 
 @triton.jit
 def _fwd_out_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, carry_ptr, out_ptr,
-                    E, N, L, seg_len, n_seg,
+                    E, N, L, seg_len, n_seg, su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_Z: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Pass 3: each segment scans again from its true entering state and writes the outputs."""
@@ -243,37 +253,37 @@ def _fwd_out_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         tmask = t < L
         m_el = tmask[:, None] & emask[None, :]
         m_nl = tmask[:, None] & nmask[None, :]
-        offs_u = row_u[None, :] + t[:, None]
-        offs_B = row_B[None, :] + t[:, None]
-        dt, _raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
+        offs_out = row_u[None, :] + t[:, None]
+        dt, _raw = _load_dt(delta_ptr, _tile_offsets(e, t, sd_b, sd_e, sd_l), m_el, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + _tile_offsets(e, t, su_b, su_e, su_l), mask=m_el, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + _tile_offsets(n, t, sB_b, sB_n, sB_l), mask=m_nl, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + _tile_offsets(n, t, sC_b, sC_n, sC_l), mask=m_nl, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         b = (dt * u)[:, None, :] * Bt[:, :, None]
         acum, hs = tl.associative_scan((a, b), axis=0, combine_fn=_affine_combine)
         hfull = hs + acum * h[None, :, :]
         y = tl.sum(hfull * Ct[:, :, None], axis=1) + Dv[None, :] * u
         if HAS_Z:
-            z = tl.load(z_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + _tile_offsets(e, t, sz_b, sz_e, sz_l), mask=m_el, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + offs_u, y.to(out_ptr.dtype.element_ty), mask=m_el)
+        tl.store(out_ptr + offs_out, y.to(out_ptr.dtype.element_ty), mask=m_el)
         h = tl.sum(tl.where(last, hfull, 0.0), axis=0)
 
 
 @triton.jit
-def _dy_of(dout_ptr, z_ptr, offs, m_el, HAS_Z: tl.constexpr):
+def _dy_of(dout_ptr, z_ptr, offs_g, offs_z, m_el, HAS_Z: tl.constexpr):
     """Gradient at y (before the gate) from the gradient at the gated output."""
-    dy = tl.load(dout_ptr + offs, mask=m_el, other=0.0).to(tl.float32)
+    dy = tl.load(dout_ptr + offs_g, mask=m_el, other=0.0).to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=m_el, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_z, mask=m_el, other=0.0).to(tl.float32)
         dy = dy * z * tl.sigmoid(z)
     return dy
 
 
 @triton.jit
 def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, carry_ptr,
-                        hchunk_ptr, wsum_ptr, E, N, L, seg_len, n_seg, n_chunks,
+                        hchunk_ptr, wsum_ptr, E, N, L, seg_len, n_seg, n_chunks, su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sg_b, sg_e, sg_l, sB_b, sB_n, sB_l,
+                        sC_b, sC_n, sC_l,
                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
                         BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """Backward pass 1: store the forward state at every chunk start of the segment, and the
@@ -294,13 +304,12 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, 
         tmask = t < L
         m_el = tmask[:, None] & emask[None, :]
         m_nl = tmask[:, None] & nmask[None, :]
-        offs_u = row_u[None, :] + t[:, None]
-        offs_B = row_B[None, :] + t[:, None]
-        dt, _raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        dy = _dy_of(dout_ptr, z_ptr, offs_u, m_el, HAS_Z)
+        dt, _raw = _load_dt(delta_ptr, _tile_offsets(e, t, sd_b, sd_e, sd_l), m_el, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + _tile_offsets(e, t, su_b, su_e, su_l), mask=m_el, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + _tile_offsets(n, t, sB_b, sB_n, sB_l), mask=m_nl, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + _tile_offsets(n, t, sC_b, sC_n, sC_l), mask=m_nl, other=0.0).to(tl.float32)
+        dy = _dy_of(dout_ptr, z_ptr, _tile_offsets(e, t, sg_b, sg_e, sg_l), _tile_offsets(e, t, sz_b, sz_e, sz_l),
+                    m_el, HAS_Z)
         cum = tl.cumsum(dt, axis=0)
         S = tl.sum(dt, axis=0)
         w_end = tl.exp2(A2[None, :, :] * (S[None, :] - cum)[:, None, :])
@@ -315,7 +324,7 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, 
 def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                      rcarry_ptr, hchunk_ptr,
                      du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                     E, N, L, seg_len, n_seg, n_chunks,
+                     E, N, L, seg_len, n_seg, n_chunks, su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sg_b, sg_e, sg_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr,
                      BE: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
@@ -343,16 +352,17 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         tmask = t < L
         m_el = tmask[:, None] & emask[None, :]
         m_nl = tmask[:, None] & nmask[None, :]
-        offs_u = row_u[None, :] + t[:, None]
+        offs_u = row_u[None, :] + t[:, None]      # the gradients are written contiguous
         offs_B = row_B[None, :] + t[:, None]
-        dt, raw = _load_dt(delta_ptr, offs_u, m_el, bias, HAS_BIAS, SOFTPLUS)
+        offs_d = _tile_offsets(e, t, sd_b, sd_e, sd_l)
+        dt, raw = _load_dt(delta_ptr, offs_d, m_el, bias, HAS_BIAS, SOFTPLUS)
         # dt of the next token: a_{t+1} carries the adjoint back (the chunk's last token takes r instead)
         next_mask = ((t + 1) < L)[:, None] & emask[None, :]
-        dt_next, _raw_next = _load_dt(delta_ptr, offs_u + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_B, mask=m_nl, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
+        dt_next, _raw_next = _load_dt(delta_ptr, offs_d + sd_l, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + _tile_offsets(e, t, su_b, su_e, su_l), mask=m_el, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + _tile_offsets(n, t, sB_b, sB_n, sB_l), mask=m_nl, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + _tile_offsets(n, t, sC_b, sC_n, sC_l), mask=m_nl, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + _tile_offsets(e, t, sg_b, sg_e, sg_l), mask=m_el, other=0.0).to(tl.float32)
         # forward states inside the chunk
         dtu = dt * u
         b = dtu[:, None, :] * Bt[:, :, None]
@@ -362,7 +372,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         h_prev_decayed = h - b                    # a_t h_{t-1}: keeps b and a out of the registers
         if HAS_Z:
             y = tl.sum(h * Ct[:, :, None], axis=1) + Dv[None, :] * u
-            z = tl.load(z_ptr + offs_u, mask=m_el, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + _tile_offsets(e, t, sz_b, sz_e, sz_l), mask=m_el, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
             tl.store(dz_ptr + offs_u, (dout * y * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty),
                      mask=m_el)
@@ -441,6 +451,10 @@ def _contig(x):
     return None if x is None else x.contiguous()
 
 
+def _contiguous_like(x):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
 def _dummy(ref):
     return torch.empty(1, device=ref.device, dtype=torch.float32)
 
@@ -452,19 +466,20 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, geo: ScanGeome
     hend = torch.empty(rows, geo.n_seg, geo.d_state, **f32)
     dtsum = torch.empty(rows, geo.n_seg, **f32)
     carry = torch.empty(rows, geo.n_seg + 1, geo.d_state, **f32)
-    out = torch.empty_like(u)
+    out = _contiguous_like(u)
     grid = (geo.n_eblk, geo.n_seg, geo.batch)
+    z_arg = z if z is not None else u
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
     blocks = dict(BE=geo.block_e, BN=geo.block_n, BL=geo.block_l)
     bias = delta_bias if delta_bias is not None else _dummy(u)
     _fwd_summary_kernel[grid](u, delta, A, B, bias, hend, dtsum, geo.channels, geo.d_state,
-                              geo.length, geo.seg_len, geo.n_seg, **flags, **blocks,
-                              num_warps=NUM_WARPS)
+                              geo.length, geo.seg_len, geo.n_seg, *u.stride(), *delta.stride(), *B.stride(),
+                              **flags, **blocks, num_warps=NUM_WARPS)
     _carry_kernel[(rows,)](hend, dtsum, A, carry, geo.channels, geo.d_state, geo.n_seg,
                            REVERSE=False, BS=_carry_block(geo), BN=geo.block_n)
-    _fwd_out_kernel[grid](u, delta, A, B, C, D if D is not None else _dummy(u),
-                          z if z is not None else u, bias, carry, out,
+    _fwd_out_kernel[grid](u, delta, A, B, C, D if D is not None else _dummy(u), z_arg, bias, carry, out,
                           geo.channels, geo.d_state, geo.length, geo.seg_len, geo.n_seg,
+                          *u.stride(), *delta.stride(), *z_arg.stride(), *B.stride(), *C.stride(),
                           **flags, HAS_D=D is not None, HAS_Z=z is not None, **blocks,
                           num_warps=NUM_WARPS)
     return out, carry, dtsum
@@ -487,19 +502,20 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, carry, 
     blocks = dict(BE=geo.block_e, BN=geo.block_n, BL=geo.block_l)
     bias = delta_bias if delta_bias is not None else _dummy(u)
     z_arg = z if z is not None else u
+    strides = (*u.stride(), *delta.stride(), *z_arg.stride(), *dout.stride(), *B.stride(), *C.stride())
     _bwd_summary_kernel[grid](u, delta, A, B, C, z_arg, bias, dout, carry, hchunk, wsum,
                               geo.channels, geo.d_state, geo.length, geo.seg_len, geo.n_seg,
-                              geo.n_chunks, **flags, HAS_Z=z is not None, **blocks,
+                              geo.n_chunks, *strides, **flags, HAS_Z=z is not None, **blocks,
                               num_warps=NUM_WARPS)
     _carry_kernel[(rows,)](wsum, dtsum, A, rcarry, geo.channels, geo.d_state, geo.n_seg,
                            REVERSE=True, BS=_carry_block(geo), BN=geo.block_n)
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    du = _contiguous_like(u)
+    ddelta = _contiguous_like(delta)
+    dz = _contiguous_like(z) if z is not None else None
     # several channel blocks add into dB / dC, so they accumulate in float32
     atomic = geo.n_eblk > 1
-    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty_like(B)
-    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty_like(C)
+    dB = torch.zeros(B.shape, **f32) if atomic else _contiguous_like(B)
+    dC = torch.zeros(C.shape, **f32) if atomic else _contiguous_like(C)
     parts = geo.batch * geo.n_seg
     dA_part = torch.empty(parts, geo.channels, geo.d_state, **f32)
     dD_part = torch.empty(parts, geo.channels, **f32)
@@ -508,7 +524,7 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, carry, 
                            rcarry, hchunk, du, ddelta, dz if dz is not None else du, dB, dC,
                            dA_part, dD_part, dbias_part,
                            geo.channels, geo.d_state, geo.length, geo.seg_len, geo.n_seg,
-                           geo.n_chunks, **flags, HAS_D=D is not None, HAS_Z=z is not None,
+                           geo.n_chunks, *strides, **flags, HAS_D=D is not None, HAS_Z=z is not None,
                            ATOMIC_BC=atomic, **blocks, num_warps=NUM_WARPS,
                            **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     dA = dA_part.sum(0).to(A.dtype)
@@ -525,7 +541,8 @@ class TritonSelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
         batch, channels, length, d_state = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-        u, delta, A, B, C, D, z, delta_bias = map(_contig, (u, delta, A, B, C, D, z, delta_bias))
+        # u, delta, z, B, C are read in their own strides (no copies); the small parameters contiguous
+        A, D, delta_bias = map(_contig, (A, D, delta_bias))
         geo = plan_geometry(batch, channels, length, d_state)
         out, carry, dtsum = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, geo)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, carry, dtsum)
@@ -539,7 +556,7 @@ class TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *unused):
         u, delta, A, B, C, D, z, delta_bias, carry, dtsum = ctx.saved_tensors
-        grads = _backward(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+        grads = _backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
                           carry, dtsum, ctx.geo)
         return (*grads, None, None)
 
