@@ -456,7 +456,8 @@ def parse_args(argv=None):
     parser.add_argument("--find-max", action="store_true",
                         help="step: also search the largest image that fits (pixel_mamba_6m, checkpointed)")
     parser.add_argument("--find-max-from", type=float, default=32.0, metavar="MEGAPIXELS",
-                        help="step --find-max: first image size tried (default 32)")
+                        help="step --find-max: first image size tried (default 32); the search uses "
+                             "activation checkpointing unless --no-checkpointing")
     parser.add_argument("--find-max-factor", type=float, default=1.5,
                         help="step --find-max: growth factor between tries (default 1.5)")
     parser.add_argument("--profile", action="store_true",
@@ -496,7 +497,8 @@ def main(argv=None) -> None:
                     profile_step(model_name, size, dtype, args.paths[0])
         if args.find_max:
             results["largest image"] = largest_fitting_image(
-                "6m", dtype, int(args.find_max_from * 2**20), factor=args.find_max_factor)
+                "6m", dtype, int(args.find_max_from * 2**20), checkpointing=not args.no_checkpointing,
+                factor=args.find_max_factor)
     if "features" in args.sections:
         results["features"] = bench_features()
     command = "python -m benchmark.perf " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
