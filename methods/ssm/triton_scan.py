@@ -23,14 +23,13 @@ All state arithmetic is in float32 whatever the input dtype (float32 or bfloat16
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); ex2 is the hardware op
 
 # Launch geometry. BLOCK_L tokens form one chunk (one associative scan); a segment is a whole number
 # of chunks, sized so that the grid has about TARGET_PROGRAMS programs (enough to fill 132
@@ -39,9 +38,6 @@ BLOCK_L = 8
 NUM_WARPS = 1
 TARGET_PROGRAMS = 8192
 MAX_STATE = 64
-# Register cap of the backward's main kernel (None: the compiler's choice, ~245 per thread, which
-# leaves 8 one-warp programs per multiprocessor); a cap trades a few spills for occupancy.
-BWD_MAXNREG: int | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +162,7 @@ def _fwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, dtsu
     """Pass 1: end state of each segment from a zero start, and the segment's sum of dt."""
     e, n, emask, nmask, state_mask, A, bias, _no_d = _program_setup(A_ptr, bias_ptr, bias_ptr, E, N, BE, BN,
                                                                 HAS_BIAS, False)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
     start = pid_s * seg_len
@@ -204,7 +200,7 @@ def _carry_kernel(summ_ptr, dtsum_ptr, A_ptr, carry_ptr, E, N, n_seg,
     e = tl.program_id(0) % E
     n = tl.arange(0, BN)
     nmask = n < N
-    A2 = tl.load(A_ptr + e * N + n, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + e * N + n, mask=nmask, other=0.0).to(tl.float32) * LOG2E
     zero_row = tl.zeros([BN], dtype=tl.float32)
     if REVERSE:
         tl.store(carry_ptr + (row * (n_seg + 1) + n_seg) * N + n, zero_row, mask=nmask)
@@ -241,7 +237,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     """Pass 3: each segment scans again from its true entering state and writes the outputs."""
     e, n, emask, nmask, state_mask, A, bias, Dv = _program_setup(A_ptr, bias_ptr, D_ptr, E, N, BE, BN,
                                                                  HAS_BIAS, HAS_D)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
     h = tl.load(carry_ptr + _state_offsets(rows, pid_s, n_seg + 1, N, n), mask=state_mask, other=0.0)
@@ -290,7 +286,7 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, 
     segment's adjoint summary W = sum_t exp(A * sum_{k=first}^{t} dt_k) C_t dy_t (r from a zero end)."""
     e, n, emask, nmask, state_mask, A, bias, _no_d = _program_setup(A_ptr, bias_ptr, bias_ptr, E, N, BE, BN,
                                                                 HAS_BIAS, False)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
     h = tl.load(carry_ptr + _state_offsets(rows, pid_s, n_seg + 1, N, n), mask=state_mask, other=0.0)
@@ -333,7 +329,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     dA, dD, ddelta_bias are accumulated per program and summed by the caller."""
     e, n, emask, nmask, state_mask, A, bias, Dv = _program_setup(A_ptr, bias_ptr, D_ptr, E, N, BE, BN,
                                                                  HAS_BIAS, HAS_D)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     rows, row_u, row_B = _rows(E, N, L, e, n)
     pid_s = tl.program_id(1)
     r = tl.load(rcarry_ptr + _state_offsets(rows, pid_s + 1, n_seg + 1, N, n), mask=state_mask, other=0.0)
@@ -525,8 +521,7 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, carry, 
                            dA_part, dD_part, dbias_part,
                            geo.channels, geo.d_state, geo.length, geo.seg_len, geo.n_seg,
                            geo.n_chunks, *strides, **flags, HAS_D=D is not None, HAS_Z=z is not None,
-                           ATOMIC_BC=atomic, **blocks, num_warps=NUM_WARPS,
-                           **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
+                           ATOMIC_BC=atomic, **blocks, num_warps=NUM_WARPS)
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
