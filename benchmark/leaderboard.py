@@ -51,6 +51,11 @@ def fold_table(records: list[dict]) -> pd.DataFrame:
                "finished_at": r.get("finished_at", "")}
         preds = [p for p in r.get("predictions", []) if p.get("partition") == row["partition"]]
         row["n_patients"] = len(preds)
+        cost = r.get("cost", {})
+        row["cost_device"] = cost.get("device", "")
+        row["train_s_per_slide"] = cost.get("train_s_per_slide", np.nan)
+        row["infer_s_per_slide"] = cost.get("infer_s_per_slide", np.nan)
+        row["peak_mem_gb"] = cost.get("peak_gpu_mem_gb", cost.get("peak_rss_gb", np.nan))
         row.update({k: (np.nan if v is None else v) for k, v in r.get("metrics", {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -355,6 +360,18 @@ def plots_section(links: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def cost_cell(jobs: pd.DataFrame) -> str:
+    """What a method's numbers cost, measured by the runner: mean seconds per slide seen in training (one
+    slide in one epoch) and per slide in inference, and the largest peak memory (GPU memory on a GPU, the process RSS on the
+    CPU), prefixed by the device."""
+    ok = jobs[jobs["status"] == "ok"]
+    if ok.empty or ok["train_s_per_slide"].isna().all():
+        return "n/a"
+    device = "/".join(sorted(set(ok["cost_device"]) - {""})) or "?"
+    return (f"{device} {ok['train_s_per_slide'].mean():.3g} · {ok['infer_s_per_slide'].mean():.3g} · "
+            f"{ok['peak_mem_gb'].max():.3g}")
+
+
 def render(board: Board, planned: set[str], links: list[tuple[str, str]]) -> str:
     folds, metrics, stats_ = board.folds, board.metrics, board.summary
     notes: list[str] = []
@@ -374,7 +391,7 @@ def render(board: Board, planned: set[str], links: list[tuple[str, str]]) -> str
         ci = board.intervals.get(method, {}).get(board.primary)
         rows.append([method + mark, *[fmt(stats_.loc[method, (m, "mean")], stats_.loc[method, (m, "std")]) for m in metrics],
                      fmt_interval(ci.estimate, ci.low, ci.high) if ci else "n/a",
-                     int(stats_.loc[method, (metrics[0], "count")]), int(n_pat.sum())])
+                     int(stats_.loc[method, (metrics[0], "count")]), int(n_pat.sum()), cost_cell(mine)])
     for _, r in folds[folds["status"] != "ok"].iterrows():
         notes.append(f"{r['method']} fold {r['fold']} seed {r['seed']} failed: {str(r['error']).splitlines()[0][:200]}")
     done = {f"{r.method}|{r.fold}|{r.seed}" for r in folds[folds["status"] == "ok"].itertuples()}
@@ -383,7 +400,7 @@ def render(board: Board, planned: set[str], links: list[tuple[str, str]]) -> str
         method, fold, seed = key.split("|")
         notes.append(f"{method} fold {fold} seed {seed}: no result yet (not run or interrupted).")
     headers = ["Method", *[METRIC_TITLES[m] for m in metrics], f"{METRIC_TITLES[board.primary]} pooled [95% CI]",
-               "Folds", "Patients scored"]
+               "Folds", "Patients scored", "Cost: s per slide-epoch train · s per slide infer · peak GB"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     ok = folds[folds["status"] == "ok"]
     n_folds = ok["n_folds"].dropna().max() if not ok.empty else float("nan")

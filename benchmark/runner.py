@@ -155,8 +155,8 @@ def reset_peak_memory(device: str) -> None:
 
 
 def cost(timings: dict, device: str) -> dict:
-    """What a job cost: seconds per slide for training and inference (methods report
-    train_s / n_train_slides / infer_s / n_infer_slides in info['timings']) and peak memory."""
+    """What a job cost: seconds per slide for training and inference (methods report train_s,
+    n_train_slides = slides seen over all epochs, infer_s, n_infer_slides in info['timings']) and peak memory."""
     import resource
 
     per_slide = {}
