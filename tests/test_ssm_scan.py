@@ -180,3 +180,27 @@ def test_import_does_not_pull_cuda_packages():
     code = ("import sys, methods.ssm, torch; m = methods.ssm.BiMambaMixer(4); m(torch.randn(1, 9, 4)); "
             "assert not {'mamba_ssm', 'causal_conv1d'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_stock_kernel_backward_receives_contiguous_gradients():
+    """The stock kernel's backward needs dout rows aligned; the gradient of one segment of a concatenated
+    output is a strided slice, which the wrapper makes contiguous."""
+    from methods.ssm.cuda import _ContiguousGrad
+
+    seen = []
+
+    class Probe(torch.autograd.Function):  # stands in for the kernel: records what its backward gets
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(grad.is_contiguous())
+            return grad
+
+    for wrap in (lambda y: y, _ContiguousGrad.apply):
+        x = torch.randn(2, 3, 10, requires_grad=True)
+        y = wrap(Probe.apply(x))
+        (torch.cat([y, torch.randn(2, 3, 5)], dim=-1) * torch.randn(2, 3, 15)).sum().backward()
+    assert seen == [False, True]

@@ -110,14 +110,30 @@ def scan_in_segments(kernel, segment: int, u, delta, A, B, C, D=None, z=None, de
     return (y, h) if return_last_state else y
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. The stock kernel's backward checks only
+    dout's last stride and loads rows 16 bytes at a time, so a gradient that is a slice of a longer
+    tensor (torch.cat of segments, a transposed view) has misaligned rows: 'CUDA error: misaligned
+    address' on the device."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _stock_kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     fn, reason = _import_selective_scan()
     if fn is None:
         raise RuntimeError(f"selective_scan: backend 'cuda' needs mamba_ssm ({reason}); {INSTALL_HINT}")
     dtype = u.dtype  # the kernel wants delta, B, C, z in u's dtype and A, D, delta_bias in fp32
-    return fn(u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), None if D is None else D.float(),
-              None if z is None else z.to(dtype), None if delta_bias is None else delta_bias.float(),
-              delta_softplus)
+    y = fn(u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), None if D is None else D.float(),
+           None if z is None else z.to(dtype), None if delta_bias is None else delta_bias.float(),
+           delta_softplus)
+    return _ContiguousGrad.apply(y)
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
