@@ -54,10 +54,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         spec = JobSpec.from_json(self.spec_json)
-        if submitit.JobEnvironment().num_tasks > 1:
+        env = submitit.JobEnvironment()
+        spec.launch.update(slurm_job=env.job_id, log=str(env.paths.stdout).replace("%t", "0"))
+        if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         outcome = execute_spec(spec)
-        if submitit.JobEnvironment().global_rank == 0:
+        if env.global_rank == 0:
             atomic_write_text(outcome_path(spec.run_options().out_dir, spec.attempt), json.dumps({"outcome": outcome}))
         return outcome
 
@@ -129,7 +131,7 @@ class SlurmQueue:
 
     # -- submission ---------------------------------------------------------------------------------
     def _executor(self, width: int):
-        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=3)
+        executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=3)
         on_gpu = self.opts.device.startswith("cuda")
         params = dict(job_name="wsi-bench", time=self.minutes, ntasks_per_node=width, nodes=1,
                       setup=[f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
@@ -158,12 +160,12 @@ class SlurmQueue:
             executor = self._executor(width)
             with executor.batch():
                 jobs = [executor.submit(SlurmTask(spec.to_json())) for spec in specs]
-            for spec, job, (kind, method, planned, _, _) in zip(specs, jobs, group):
-                spec.launch["slurm_job"] = job.job_id
+            for spec, job, (_, _, planned, _, _) in zip(specs, jobs, group):
                 self.active.append(Submitted(spec, job, planned, width, None))
             first = jobs[0].job_id.split("_")[0]
-            self.status.say(f"slurm: submitted {len(jobs)} {group[0][0]} job(s) of {width} task(s) as job {first} "
-                            f"(logs: {self.folder}/{first}_*_log.out / .err)")
+            what = "prepare job(s)" if group[0][0] == "prepare" else f"job(s) of {width} task(s)"
+            self.status.say(f"slurm: submitted {len(jobs)} {what} as SLURM job {first}; "
+                            f"logs: {self.folder}/{first}_*_log.out and .err")
 
     # -- waiting ------------------------------------------------------------------------------------
     def _queue_states(self) -> dict[str, str]:
