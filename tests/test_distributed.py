@@ -37,19 +37,20 @@ def bags(n: int = N_BAGS) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def bag_loss(model: nn.Module, sample) -> torch.Tensor:
     bag, label = sample
-    return nn.functional.cross_entropy(model(bag)[None], label[None])
+    device = next(model.parameters()).device
+    return nn.functional.cross_entropy(model(bag.to(device))[None], label[None].to(device))
 
 
-def train(world: World) -> dict[str, torch.Tensor]:
+def train(world: World, device: str = "cpu") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = distributed.wrap_model(BagMLP(), world)
+    model = distributed.wrap_model(BagMLP().to(device), world)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
     rng = np.random.default_rng(0)
     data = bags()
     for _ in range(EPOCHS):
         order = [data[i] for i in rng.permutation(len(data))]
         train_steps(model, order, bag_loss, optimizer, EFFECTIVE_BATCH, world)
-    return {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}
 
 
 def free_port() -> int:
@@ -58,10 +59,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, size: int, port: int, out: str) -> None:
+def _rank(rank: int, size: int, port: int, out: str, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
-    world = distributed.init_from_env("cpu")
+    world = distributed.init_from_env(device)
     reductions = []
     original = distributed.wrap_model
 
@@ -73,14 +74,14 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         return ddp
 
     distributed.wrap_model = counting_wrap
-    weights = train(world)
+    weights = train(world, f"cuda:{rank}" if device == "cuda" else "cpu")
     torch.save({"weights": weights, "reductions": len(reductions)}, f"{out}.rank{rank}")
     distributed.shutdown()
 
 
-def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path):
-    single = train(World())
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path / "weights")), nprocs=2, join=True)
+def check_two_ranks(tmp_path, device: str) -> None:
+    single = train(World(), device)
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path / "weights"), device), nprocs=2, join=True)
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"weights.rank{rank}")
         for name, value in single.items():
@@ -88,6 +89,16 @@ def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path):
         # gradients were all-reduced once per optimizer step, not once per micro-step
         assert saved["reductions"] == EPOCHS * -(-N_BAGS // EFFECTIVE_BATCH)
     assert any(not torch.equal(single[k], BagMLP().state_dict()[k]) for k in single)  # training moved weights
+
+
+def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path):
+    check_two_ranks(tmp_path, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_nccl_ranks_train_the_weights_of_one_gpu(tmp_path):
+    check_two_ranks(tmp_path, "cuda")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark import cli
 from benchmark.launchers.execution import REPO_ROOT, options_from_dict, options_to_dict
@@ -99,6 +100,35 @@ def test_job_processes_on_gpus_give_the_in_process_results(tmp_path):
     assert runs["toy_a_fold0_seed0.rank0"] == 1 and runs["toy_a_fold1_seed0.rank0"] == 2  # out of memory, retried
     assert runs["toy_b_fold0_seed0.rank0"] == runs["toy_b_fold0_seed0.rank1"] == 1  # one execution, two ranks
     assert runs["toy_b_fold1_seed0.rank0"] + runs["toy_b_fold1_seed0.rank1"] >= 1  # torchrun stops the other rank
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_jobs_see_only_their_gpus_and_multi_gpu_jobs_join_nccl(tmp_path):
+    opts = options(tmp_path, "cuda", gpus=[0, 1], device="cuda")
+    assert not run(opts).failed
+    for record in iter_results(opts.out_dir):
+        width = 2 if record["job"]["method"] == "toy_b" else 1
+        assert record["info"]["cuda_devices"] == width and record["launch"]["world_size"] == width
+        assert record["device"].startswith(torch.cuda.get_device_name(0))
+
+
+def test_prepare_stage_runs_once_before_its_jobs_and_a_failed_one_fails_only_its_jobs(tmp_path):
+    marks = tmp_path / "marks"
+    reference = options(tmp_path, "ref", methods=["toy_prepared", "toy_unpreparable"], cache_dir=tmp_path / "c1")
+    run(reference)
+    opts = options(tmp_path, "procs", methods=["toy_prepared", "toy_unpreparable"], cpu_jobs=2,
+                   cache_dir=tmp_path / "c2", overrides={"marker_dir": str(marks)})
+    summary = run(opts)
+    assert sorted(summary.failed) == ["toy_unpreparable/toy/binary/fold0/seed0", "toy_unpreparable/toy/binary/fold1/seed0"]
+    assert all(e == "prepare failed: RuntimeError: slide products could not be built (simulated)"
+               for e in summary.failed.values())
+    assert results(opts.out_dir) == results(reference.out_dir) and leaderboard(opts) == leaderboard(reference)
+    builds = [p for p in marker_files(marks) if p.name.startswith("prepare_")]
+    jobs = [p for p in marker_files(marks) if not p.name.startswith("prepare_")]
+    assert len(builds) == 1 and len(jobs) == 2  # built once, by the prepare stage; no job of the failed method
+    assert builds[0].stat().st_mtime <= min(p.stat().st_mtime for p in jobs)
+    assert (opts.out_dir / "logs" / "toy" / "prepare_toy_prepared.log").exists()
 
 
 def test_out_of_memory_job_is_recorded_and_the_rest_finish(tmp_path):

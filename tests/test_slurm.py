@@ -4,11 +4,12 @@ Skipped, with the reason, where SLURM cannot start (no root, no apt-get, no netw
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmark.launchers.slurm import sbatch_parameters, time_minutes
+from benchmark.launchers.slurm import partition_time_limit, sbatch_parameters, time_minutes
 from benchmark.results import iter_results
 from benchmark.runner import run
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
@@ -40,11 +41,14 @@ def squeue(cluster: LocalSlurm, job: str) -> tuple[str, str]:
 
 @pytest.mark.slurm
 def test_slurm_runs_the_benchmark_and_gives_the_local_leaderboard(slurm, tmp_path):
-    reference = options(tmp_path, "local")
+    methods = ["toy_a", "toy_b", "toy_prepared", "toy_unpreparable"]
+    reference = options(tmp_path, "local", methods=methods, cache_dir=tmp_path / "local_cache")
     run(reference)
-    marks = tmp_path / "marks"
-    opts = options(tmp_path, "slurm", launcher="slurm", time="10",
-                   overrides={"sleep_s": 3, "marker_dir": str(marks)})
+    marks, holds = tmp_path / "marks", tmp_path / "holds"
+    holds.mkdir()
+    (holds / "toy_a_fold1").touch()  # toy_a fold 1 waits mid-job until it has been preempted
+    opts = options(tmp_path, "slurm", methods=methods, launcher="slurm", time="10",
+                   overrides={"marker_dir": str(marks), "hold_dir": str(holds)})
     outcome = {}
 
     def submit():
@@ -55,25 +59,31 @@ def test_slurm_runs_the_benchmark_and_gives_the_local_leaderboard(slurm, tmp_pat
 
     submitter = threading.Thread(target=submit)
     submitter.start()
-    # preempt a running one-task job once it is inside the method: submitit checkpoints and requeues it
-    first = lambda: [m for m in marker_files(marks) if m.name.startswith("toy_a")]  # noqa: E731
-    wait_for(first, 180, "a toy_a job to run")
-    job = json.loads(first()[0].read_text())["slurm_job"]
-    slurm.run("scancel", "--signal=USR2", job)
-    wait_for(lambda: squeue(slurm, job) == ("PENDING", "BeginTime") or not submitter.is_alive(), 60,
-             "the preempted job to be requeued")
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # SLURM holds a requeued job ~2 min
-    submitter.join(timeout=300)
+    held = lambda: [m for m in marker_files(marks) if m.name.startswith("toy_a_fold1_")]  # noqa: E731
+    wait_for(held, 180, "toy_a fold 1 to run")
+    job = json.loads(held()[0].read_text())["slurm_job"]
+    # preemption: submitit checkpoints and requeues the job (scancel may report the step it could not
+    # signal once the job is being requeued: its exit code says nothing here, the log below does)
+    slurm.run("scancel", "--signal=USR2", job, check=False)
+    deadline = time.monotonic() + 300
+    while submitter.is_alive() and time.monotonic() < deadline:
+        if squeue(slurm, job)[0] == "PENDING":  # requeued; SLURM would hold it ~2 min: make it eligible now
+            (holds / "toy_a_fold1").unlink(missing_ok=True)
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        submitter.join(timeout=1)
     assert not submitter.is_alive() and "error" not in outcome, outcome
     summary = outcome["summary"]
-    assert not summary.failed and len(summary.ran) == 4
+    assert len(summary.ran) == 8 and sorted(summary.failed) == [f"toy_unpreparable/toy/binary/fold{k}/seed0" for k in (0, 1)]
     assert results(opts.out_dir) == results(reference.out_dir)
     assert leaderboard(opts) == leaderboard(reference)
     runs = markers(marks)
-    requeued = next(m.name.split(".")[0] for m in first() if json.loads(m.read_text())["slurm_job"] == job)
-    assert runs[f"{requeued}.rank0"] == 2  # preempted, requeued, run again
+    assert runs["toy_a_fold1_seed0.rank0"] == 2 and runs["toy_a_fold0_seed0.rank0"] == 1  # preempted, run again
     assert runs["toy_b_fold0_seed0.rank0"] == runs["toy_b_fold0_seed0.rank1"] == 1  # a two-task job
+    assert runs["prepare_toy_prepared.rank0"] == 1  # the prepare job built the product; its jobs found it
     for record in iter_results(opts.out_dir):
+        if record["job"]["method"] == "toy_unpreparable":
+            assert record["error"] == "prepare failed: RuntimeError: slide products could not be built (simulated)"
+            continue
         assert record["launch"]["launcher"] == "slurm"
         assert record["launch"]["world_size"] == (2 if record["job"]["method"] == "toy_b" else 1)
         assert Path(record["launch"]["log"]).exists()
@@ -90,3 +100,16 @@ def test_slurm_time_and_sbatch_flags_parse():
         {"qos": "high", "cpus_per_task": "8", "exclusive": True}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sbatch_parameters(["=x"])
+
+
+@pytest.mark.slurm
+def test_default_time_limit_is_the_partitions(slurm):
+    assert partition_time_limit(None) == 24 * 60  # the test partition has no limit
+    with pytest.raises(ValueError, match="partition nowhere not found"):
+        partition_time_limit("nowhere")
+
+
+def test_slurm_launcher_without_sbatch_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="sbatch` is not on PATH"):
+        run(options(tmp_path, "x", launcher="slurm"))

@@ -53,7 +53,7 @@ class JobSpec:
     lock_here: bool = False  # take the job's lock where it runs (SLURM: the submitter may be gone)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(dataclasses.asdict(self), default=str)  # a Path in --set values travels as text
 
     @classmethod
     def from_json(cls, text: str) -> "JobSpec":

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -27,11 +27,11 @@ from benchmark.launchers.execution import (REPO_ROOT, JobSpec, annotate, attempt
                                            is_out_of_memory, oom_retry_overrides, options_to_dict,
                                            prepare_status_path, run_attempt, store)
 from benchmark.launchers.progress import Counts, StatusLine
+from benchmark.launchers.worker import PARENT_ENV
 from benchmark.locks import JobLock, lock_path
 from benchmark.results import read_result
 from benchmark.runner import RunOptions, RunState, RunSummary, context, prepare
 
-PARENT_ENV = "WSI_BENCH_RUNNER_PID"  # a job process exits when the runner that started it is gone
 POLL_S = 0.2
 STOP_GRACE_S = 10.0
 
@@ -283,8 +283,6 @@ class ProcessQueue:
             self.counts.queued, self.counts.running = self.counts.queued - 1, self.counts.running + 1
 
     def _worker_options(self) -> RunOptions:
-        from dataclasses import replace
-
         return replace(self.opts, progress=False)  # progress bars would fill the job logs
 
     def _env(self, slots: list) -> dict:

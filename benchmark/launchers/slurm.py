@@ -168,20 +168,23 @@ class SlurmQueue:
                             f"logs: {self.folder}/{first}_*_log.out and .err")
 
     # -- waiting ------------------------------------------------------------------------------------
-    def _queue_states(self) -> dict[str, str]:
+    def _queue_states(self) -> dict[str, str] | None:
+        """SLURM state per job id ('123_4' for array tasks); None when squeue could not answer."""
         ids = sorted({s.job.job_id.split("_")[0] for s in self.active})
-        if not ids:
-            return {}
         out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)],
                              capture_output=True, text=True)
-        if out.returncode != 0:  # e.g. all jobs aged out of the controller: they ended
-            return {}
+        if out.returncode != 0:
+            # every job aged out of the controller (they ended), or the controller is busy: ask again
+            return {} if "invalid job id" in out.stderr.lower() else None
         return dict(line.split("|", 1) for line in out.stdout.split())
 
     def _wait(self) -> None:
         while self.active:
             time.sleep(POLL_S)
-            self._states = self._queue_states()
+            states = self._queue_states()
+            if states is None:
+                continue
+            self._states = states
             for sub in list(self.active):
                 state = self._states.get(sub.job.job_id)
                 if state is not None and state not in ENDED and not self._has_outcome(sub):

@@ -9,11 +9,13 @@ at once: result files are written atomically, so nothing is left half-written.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_ENV = "WSI_BENCH_RUNNER_PID"  # set by the local launcher: the runner's pid
 
 
 def die_with_parent(expected_parent: str | None) -> None:
@@ -34,19 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmark.launchers.worker '<job spec JSON>' (started by the local launcher)",
               file=sys.stderr)
         return 2
-    from benchmark.launchers.execution import JobSpec, execute_spec
-    from benchmark.launchers.local import PARENT_ENV
-
-    spec = JobSpec.from_json(argv[0])
     is_rank = "LOCAL_RANK" in os.environ  # started by torchrun below
     die_with_parent(None if is_rank else os.environ.get(PARENT_ENV))
     signal.signal(signal.SIGTERM, _stop)
-    if spec.nprocs > 1 and not is_rank:
+    nprocs = json.loads(argv[0]).get("nprocs", 1)
+    if nprocs > 1 and not is_rank:  # the agent needs no benchmark imports: only the ranks run the job
         from torch.distributed.run import main as torchrun
 
-        torchrun(["--standalone", f"--nproc-per-node={spec.nprocs}", "-m", "benchmark.launchers.worker", argv[0]])
+        torchrun(["--standalone", f"--nproc-per-node={nprocs}", "-m", "benchmark.launchers.worker", argv[0]])
         return 0
-    execute_spec(spec)
+    from benchmark.launchers.execution import JobSpec, execute_spec
+
+    execute_spec(JobSpec.from_json(argv[0]))
     return 0
 
 
