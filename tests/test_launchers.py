@@ -18,6 +18,7 @@ from benchmark.launchers.progress import Counts, StatusLine
 from benchmark.locks import JobLock, lock_path
 from benchmark.registry import METHODS, Entry
 from benchmark.results import iter_results
+from tests.toy import leaderboard_text
 from benchmark.runner import RunOptions, RunSummary, run
 
 PLUGIN = "tests.toy_plugin"
@@ -37,7 +38,7 @@ def results(out_dir: Path) -> dict[str, tuple]:
 
 
 def leaderboard(opts: RunOptions) -> str:
-    return (Path(opts.leaderboard_dir) / "toy_binary.md").read_text()
+    return leaderboard_text(Path(opts.leaderboard_dir) / "toy_binary.md")
 
 
 def marker_files(folder: Path) -> list[Path]:
@@ -177,7 +178,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_results(tmp_path):
     rerun = run(options(tmp_path, "cut", overrides={"marker_dir": str(marks)}))
     assert len(rerun.ran) == 4 - len(finished)
     assert results(out) == results(reference.out_dir)
-    assert (tmp_path / "cut_lb" / "toy_binary.md").read_text() == leaderboard(reference)
+    assert leaderboard_text(tmp_path / "cut_lb" / "toy_binary.md") == leaderboard(reference)
     runs = markers(marks)
     for method in ("toy_a", "toy_b"):
         for fold in (0, 1):
