@@ -207,7 +207,7 @@ def _bench_rank(args: argparse.Namespace) -> dict | None:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     shutdown()
     if not w.is_main:
         return None
@@ -232,7 +232,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     if "LOCAL_RANK" in os.environ:  # a rank started by the torchrun below
         result = _bench_rank(args)
         if result is not None:
-            print(f"{result['gpus']} GPU(s): {result['step_s']:.3f} s per optimizer step of {args.batch} slides "
+            unit = "GPU(s)" if args.device == "cuda" else "CPU rank(s)"
+            print(f"{result['gpus']} {unit}: {result['step_s']:.3f} s per optimizer step of {args.batch} slides "
                   f"({result['slides_per_s']:.2f} slides/s, {result['tissue_pixels']} tissue pixels each)", flush=True)
             if args.json:
                 with open(args.json, "a") as fh:
