@@ -1,0 +1,204 @@
+"""ImageNet-style pretraining on a tiny generated image folder (3 colour classes), on the CPU: the loss
+falls and top-1 rises above chance, a run interrupted mid-epoch resumes to bitwise the same state as an
+uninterrupted one, the data stream does not depend on the GPU layout, the recipe is the paper's, and
+user errors get one-line messages."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.pretrain import (
+    CHECKPOINT_NAME,
+    IMAGENET_TRAIN_IMAGES,
+    PretrainConfig,
+    SeededTransformDataset,
+    StepSampler,
+    create_model,
+    create_optimizer,
+    create_scheduler,
+    eval_loader,
+    evaluate,
+    load_checkpoint,
+    main,
+    pretrain,
+    train_transform,
+)
+
+COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
+
+
+def write_image_folder(root, n_train=8, n_val=4, size=64, seed=0):
+    """root/{train,val}/{blue,green,red}/*.png: noisy flat colours, 64 x 64 (trained at 32 x 32)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(data, out, **overrides):
+    """The paper's recipe (mixup, smoothing, random erasing, AdamW, cosine) at toy scale: 24 training
+    images, 8 per optimizer step in 2 micro-batches of 4, so 3 steps per epoch."""
+    settings = dict(data=str(data), out=str(out), img_size=32, epochs=2, global_batch=8, batch_size=4,
+                    warmup_epochs=0, workers=0, progress=False)
+    return PretrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted run, and one stopped after step 2 (mid-epoch 1) and resumed to the end."""
+    root = tmp_path_factory.mktemp("pretrain")
+    data = write_image_folder(root / "data")
+    whole = pretrain(tiny_config(data, root / "whole"))
+    stopped = pretrain(tiny_config(data, root / "resumed", max_steps=2))
+    resumed = pretrain(tiny_config(data, root / "resumed"))
+    return {"root": root, "data": data, "whole": whole, "stopped": stopped, "resumed": resumed}
+
+
+def test_loss_falls_and_top1_beats_chance_on_the_training_images(runs):
+    cfg = tiny_config(runs["data"], runs["root"] / "whole")
+    untrained = create_model(cfg, num_classes=3)
+    trained = create_model(cfg, num_classes=3)
+    trained.load_state_dict(load_checkpoint(runs["root"] / "whole" / CHECKPOINT_NAME)["model"])
+    images = eval_loader(runs["data"] / "train", cfg.img_size, batch_size=12)
+    before, after = evaluate(untrained, images, torch.device("cpu")), evaluate(trained, images, torch.device("cpu"))
+    assert after["loss"] < before["loss"]
+    assert after["top1"] > 100 / 3 + 20, (before, after)
+    assert after["top5"] == 100.0  # 3 classes: top-5 is every class
+    history = runs["whole"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and [h["step"] for h in history] == [3, 6]
+
+
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(runs):
+    assert runs["stopped"]["status"] == "stopped" and runs["stopped"]["step"] == 2
+    assert runs["resumed"]["status"] == runs["whole"]["status"] == "done"
+    whole = load_checkpoint(runs["root"] / "whole" / CHECKPOINT_NAME)
+    resumed = load_checkpoint(runs["root"] / "resumed" / CHECKPOINT_NAME)
+    assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == (2, 6)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for index, state in whole["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], resumed["optimizer"]["state"][index][key]), (index, key)
+    assert whole["optimizer"]["param_groups"] == resumed["optimizer"]["param_groups"]
+    assert whole["history"] == resumed["history"]
+
+
+def test_checkpoint_holds_the_training_state_and_a_model_folder_is_written(runs):
+    state = load_checkpoint(runs["root"] / "whole" / CHECKPOINT_NAME)
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "step", "rng", "config", "classes"}
+    assert state["classes"] == sorted(COLOURS) and state["config"]["model"] == "pixel_mamba_6m"
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    folder = runs["root"] / "whole" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["metrics"]["val_top1"] == runs["whole"]["history"][-1]["top1"]
+    assert not list((runs["root"] / "whole").glob(".tmp-*"))  # atomic writes leave nothing behind
+
+
+def test_tensorboard_log_has_training_and_validation_curves(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["root"] / "whole" / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/top1", "val/top5", "val/loss"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([h["top1"] for h in runs["whole"]["history"]])
+
+
+def test_resuming_with_other_settings_is_refused(runs):
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        pretrain(tiny_config(runs["data"], runs["root"] / "whole", lr=5e-4))
+
+
+# ---- the data stream ---------------------------------------------------------------------------
+def images_per_step(batch_size, world_size, start=0, epoch=1):
+    """The (index, seed) items of each optimizer step, over all ranks, of 50 images in steps of 8."""
+    steps = None
+    for rank in range(world_size):
+        sampler = StepSampler(50, 8, batch_size, rank, world_size, seed=3)
+        sampler.set_position(epoch, start)
+        items = list(sampler)
+        assert len(items) == len(sampler)
+        per_step = 8 // world_size  # this rank's micro-batches of one step
+        chunks = [items[i:i + per_step] for i in range(0, len(items), per_step)]
+        steps = chunks if steps is None else [a + b for a, b in zip(steps, chunks)]
+    return [sorted(step) for step in steps]
+
+
+def test_each_step_has_the_same_images_on_any_gpu_layout_and_from_any_start():
+    one_gpu = images_per_step(batch_size=4, world_size=1)  # 2 micro-batches per step
+    assert len(one_gpu) == 50 // 8
+    assert len({index for step in one_gpu for index, _ in step}) == 48  # no image twice; the rest dropped
+    assert images_per_step(batch_size=2, world_size=2) == one_gpu == images_per_step(batch_size=4, world_size=2)
+    assert images_per_step(batch_size=4, world_size=1, start=4) == one_gpu[4:]
+    assert images_per_step(batch_size=4, world_size=1, epoch=2) != one_gpu
+
+
+def test_augmentation_draws_from_its_own_seed_and_leaves_the_global_generators_alone(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    data = write_image_folder(tmp_path / "data", n_train=1, n_val=1)
+    dataset = SeededTransformDataset(ImageFolder(str(data / "train")), train_transform(tiny_config(data, tmp_path)))
+    random.seed(7)
+    torch.manual_seed(7)
+    first, label = dataset[(0, 11)]
+    assert random.random() == random.Random(7).random()
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(first, dataset[(0, 11)][0]) and label == 0
+    assert not torch.equal(first, dataset[(0, 12)][0])
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+def test_paper_recipe_defaults_and_schedule():
+    cfg = PretrainConfig(data="x")
+    assert (cfg.img_size, cfg.epochs, cfg.global_batch, cfg.lr, cfg.weight_decay, cfg.beta1) == (224, 300, 1024, 1e-3, 0.05, 0.9)
+    assert cfg.mixup > 0 and cfg.smoothing > 0 and cfg.reprob > 0 and cfg.accumulation(world_size=8) == 1
+    assert PretrainConfig(data="x", batch_size=64).accumulation(world_size=4) == 4
+    model = create_model(PretrainConfig(data="x", img_size=32), num_classes=3)
+    optimizer = create_optimizer(cfg, model)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    names = {name: id(p) in decayed for name, p in model.named_parameters()}
+    assert names["layers.3.mixer.in_proj.weight"] and not names["layers.3.mixer.A_log"]
+    assert not names["layers.3.norm.weight"] and not names["head.fc.bias"]
+    schedule = create_scheduler(cfg, optimizer, steps_per_epoch=100)  # warm-up 5 epochs, cosine to 300
+    lrs = {}
+    for step in (0, 250, 500, 15_000, 30_000):
+        schedule.step_update(step)
+        lrs[step] = optimizer.param_groups[0]["lr"]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[250] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lrs[500] == pytest.approx(1e-3, rel=1e-3) and lrs[30_000] == pytest.approx(1e-5)
+    assert lrs[15_000] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * 15_000 / 30_000)) / 2)
+
+
+# ---- command line --------------------------------------------------------------------------------
+def test_user_errors_get_one_line_messages(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data", n_train=1, n_val=1)
+    cases = [
+        (["--data", str(tmp_path / "missing")], "train does not exist"),
+        (["--data", str(data), "--img-size", "100"], "multiple of 32"),
+        (["--data", str(data), "--global-batch", "10", "--batch-size", "4"], "not a multiple of --batch-size"),
+        (["--data", str(data), "--global-batch", "8", "--batch-size", "4", "--img-size", "32"], "fewer than one --global-batch"),
+        (["--data", str(data), "--batch-size", "3", "--global-batch", "3"], "even size"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    (data / "val" / "red").rename(data / "val" / "purple")
+    with pytest.raises(ValueError, match="different classes"):
+        pretrain(tiny_config(data, tmp_path / "out", global_batch=2, batch_size=2))
+
+
+def test_bench_reports_images_per_second_and_gpu_days(capsys):
+    argv = ["--bench", "--model", "pixel_mamba_6m", "--batch-size", "2", "--img-size", "32", "--bench-steps", "1",
+            "--bench-warmup", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["batch_size"] == 2 and result["images_per_s"] > 0
+    assert result["gpu_days"] == pytest.approx(300 * IMAGENET_TRAIN_IMAGES / result["images_per_s"] / 86400)
