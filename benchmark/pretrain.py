@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from benchmark import distributed
 from methods.pixel_mamba.classifier import MODEL_SIZES, PixelMambaClassifier, pixel_mamba_classifier
 
 log = logging.getLogger("benchmark.pretrain")
@@ -116,6 +117,8 @@ class PretrainConfig:
 # ---- distributed ----------------------------------------------------------------------------------
 @dataclass
 class DistEnv:
+    """This process's rank among `world_size` (benchmark.distributed's World) and its device."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -135,15 +138,8 @@ def setup_distributed(device: str) -> DistEnv:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistEnv(0, 1, torch.device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    return DistEnv(torch.distributed.get_rank(), world_size, dev)
+    world = distributed.init_from_env(device)
+    return DistEnv(world.rank, world.size, torch.device("cuda", world.local_rank) if device == "cuda" else torch.device("cpu"))
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -397,7 +393,7 @@ class Run:
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "rng": rng_states(), "config": dataclasses.asdict(self.cfg), "classes": self.classes,
-                "history": self.history, "model_name": self.cfg.model}
+                "history": self.history}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -415,12 +411,13 @@ class Run:
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume, or finish) the run in cfg.out. Returns {"status": "done" | "stopped", "step",
     "epoch", "history", "model_dir" (when done), "pushed" (when pushed)}."""
+    launcher_group = distributed.world().size > 1  # a launcher's process group: leave it to the launcher
     dist = setup_distributed(cfg.device)
     try:
         return _pretrain(cfg, dist)
     finally:
-        if dist.active:
-            torch.distributed.destroy_process_group()
+        if not launcher_group:
+            distributed.shutdown()
 
 
 def _pretrain(cfg: PretrainConfig, dist: DistEnv) -> dict[str, Any]:
@@ -429,9 +426,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistEnv) -> dict[str, Any]:
     if len(train_folder) < cfg.global_batch:
         raise ValueError(f"{cfg.data}/train has {len(train_folder)} images, fewer than one --global-batch of {cfg.global_batch}")
     model = create_model(cfg, len(train_folder.classes)).to(dist.device)
-    wrapped = model
-    if dist.active:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    wrapped = distributed.wrap_model(model)
     sampler = StepSampler(len(train_folder), cfg.global_batch, cfg.batch_size, dist.rank, dist.world_size, cfg.seed)
     optimizer = create_optimizer(cfg, model)
     run = Run(cfg, dist, model, wrapped, optimizer, create_scheduler(cfg, optimizer, sampler.steps_per_epoch),

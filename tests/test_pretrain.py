@@ -116,6 +116,64 @@ def test_resuming_with_other_settings_is_refused(runs):
         pretrain(tiny_config(runs["data"], runs["root"] / "whole", lr=5e-4))
 
 
+# ---- into the WSI model ------------------------------------------------------------------------
+def test_the_checkpoint_loads_into_the_wsi_model_body_with_a_new_head(runs):
+    from methods.pixel_mamba.model import pixel_mamba_6m, pixel_mamba_21m
+    from methods.pixel_mamba.weights import load_weights
+
+    checkpoint = runs["root"] / "whole" / CHECKPOINT_NAME
+    pretrained = load_checkpoint(checkpoint)["model"]
+    for path in (checkpoint, runs["root"] / "whole" / "model" / "model.safetensors"):
+        wsi = pixel_mamba_6m(3)  # as many classes as the pretraining: the head is new all the same
+        fresh_head = {k: v.clone() for k, v in wsi.state_dict().items() if k.startswith("head.")}
+        label, info = load_weights(wsi, str(path))
+        assert label == f"pretrained:{path}"
+        state = wsi.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in pretrained.items() if k.startswith("layers."))
+        assert info["weights_taken"] == sum(k.startswith("layers.") for k in state) + 1  # + head.norm
+        assert info["weights_new"] == sorted(k for k in fresh_head if k != "head.norm.weight")
+        assert info["weights_unused"] == ["head.fc.bias", "head.fc.weight"]
+        assert all(torch.equal(state[k], fresh_head[k]) for k in info["weights_new"])
+    with pytest.raises(ValueError, match=r"for pixel_mamba \(6M\), not this model"):
+        load_weights(pixel_mamba_21m(2), str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    """4 patients, one 256 x 256 slide each at 10x (2 x 2 regions of 32 px at 2.5x); class 1 is blue."""
+    import pandas as pd
+
+    from datasets.cohorts.base import Cohort, Task
+    from datasets.testing import tissue_image, write_pyramidal_tiff
+
+    folder = tmp_path_factory.mktemp("slides")
+    rows = []
+    for p in range(4):
+        image = tissue_image(256, 256, [(8, 8, 240, 240)], color=(90, 70, 190) if p % 2 else (180, 90, 160), seed=p)
+        write_pyramidal_tiff(folder / f"p{p}.tif", image, 1.0)
+        rows.append({"slide_id": f"p{p}", "patient_id": f"p{p}", "path": str(folder / f"p{p}.tif")})
+    labels = {"colour": pd.DataFrame({"patient_id": [r["patient_id"] for r in rows], "label": [p % 2 for p in range(4)]})}
+    return Cohort("tiny", pd.DataFrame(rows), labels, {"colour": Task("colour", "classification", 2)}, "colour")
+
+
+def test_pixel_mamba_fine_tunes_from_the_checkpoint_on_a_synthetic_cohort(runs, tiny_cohort, tmp_path, monkeypatch):
+    from benchmark.api import RunContext
+    from benchmark.registry import METHODS
+    from datasets.cohorts.base import Fold
+    from datasets.tissue import TISSUE_PRESETS, TissueParams
+
+    monkeypatch.setitem(TISSUE_PRESETS, "tiny", TissueParams(seg_downsample=4, a_t=0.01, a_h=0.001))
+    checkpoint = runs["root"] / "whole" / CHECKPOINT_NAME
+    method = METHODS.create("pixel_mamba", epochs=1, effective_batch=2, tissue_preset="tiny")
+    ctx = RunContext(out_dir=tmp_path, cache_dir=tmp_path / "cache", progress=False, weights=str(checkpoint))
+    out = method.run_fold(tiny_cohort, tiny_cohort.task("colour"), Fold(0, train=("p0", "p1"), val=("p2", "p3")), seed=0, ctx=ctx)
+    assert out.weights == f"pretrained:{checkpoint}"
+    assert out.info["weights_unused"] == ["head.fc.bias", "head.fc.weight"]
+    assert "head.classifier.weight" in out.info["weights_new"] and not any(k.startswith("layers.") for k in out.info["weights_new"])
+    assert out.predictions["patient_id"].tolist() == ["p2", "p3"]
+    assert np.isfinite(out.predictions[["prob_0", "prob_1"]].to_numpy()).all()
+
+
 # ---- the data stream ---------------------------------------------------------------------------
 def images_per_step(batch_size, world_size, start=0, epoch=1):
     """The (index, seed) items of each optimizer step, over all ranks, of 50 images in steps of 8."""
@@ -202,3 +260,36 @@ def test_bench_reports_images_per_second_and_gpu_days(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["batch_size"] == 2 and result["images_per_s"] > 0
     assert result["gpu_days"] == pytest.approx(300 * IMAGENET_TRAIN_IMAGES / result["images_per_s"] / 86400)
+
+
+# ---- several processes ---------------------------------------------------------------------------
+def _pretrain_rank(rank: int, world_size: int, port: int, cfg: PretrainConfig) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # this child process's own setting
+    pretrain(cfg)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    """DDP over gloo: 2 ranks x 2 images x 2 micro-batches give the weights of 1 process x 4 x 2 (mixup,
+    which pairs images inside a micro-batch, is off), and validation counts every image once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = write_image_folder(tmp_path / "data")
+    settings = dict(epochs=1, mixup=0.0, cutmix=0.0)
+    one = pretrain(tiny_config(data, tmp_path / "one", **settings))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_pretrain_rank, args=(2, port, tiny_config(data, tmp_path / "two", batch_size=2, **settings)), nprocs=2)
+    single = load_checkpoint(tmp_path / "one" / CHECKPOINT_NAME)
+    double = load_checkpoint(tmp_path / "two" / CHECKPOINT_NAME)
+    assert double["step"] == single["step"] == 3
+    for name, tensor in single["model"].items():
+        torch.testing.assert_close(double["model"][name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+    assert double["history"][0]["top1"] == one["history"][0]["top1"]
+    assert double["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-4)
