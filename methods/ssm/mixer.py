@@ -1,0 +1,157 @@
+"""Mamba-1 mixers: Vision Mamba's bidirectional "bimamba v2" and MambaMIL's SRMamba.
+
+Both follow mamba_ssm's `Mamba` module (in_proj d -> 2E giving x and the gate z, depthwise causal
+conv1d + SiLU, x_proj -> (dt, B, C), dt_proj, S4D-real A, D skip, selective scan with softplus(dt +
+bias), out_proj) with a second scan branch. Parameter names are those of Vim / MambaMIL, so their
+checkpoints map one to one: conv1d, x_proj, dt_proj, A_log, D for the first branch and conv1d_b,
+x_proj_b, dt_proj_b, A_b_log, D_b for the second. Input and output are (batch, L, d_model).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.ssm.cuda import causal_conv1d_silu
+from methods.ssm.scan import selective_scan
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_floor: float) -> None:
+    # Mamba's init: weights keep the variance of dt; the bias is softplus^-1 of a step drawn
+    # log-uniformly in [dt_min, dt_max], so that early training sees a spread of time scales.
+    std = dt_rank ** -0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=dt_floor)
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class _TwoBranchMamba(nn.Module):
+    """Shared in_proj / out_proj and one or two scan branches ("" and "_b" parameter suffixes)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", branches=("", "_b"),
+                 dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, backend="auto"):
+        super().__init__()
+        if d_model < 1 or d_state < 1 or d_conv < 1 or expand <= 0:
+            raise ValueError(f"mixer: d_model, d_state, d_conv and expand must be positive, got {d_model}, "
+                             f"{d_state}, {d_conv}, {expand}")
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        for suffix in branches:
+            self._add_branch(suffix, dt_min, dt_max, dt_init_floor)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def _add_branch(self, suffix, dt_min, dt_max, dt_init_floor):
+        inner, state = self.d_inner, self.d_state
+        self.add_module("conv1d" + suffix, nn.Conv1d(inner, inner, self.d_conv, groups=inner, bias=True,
+                                                          padding=self.d_conv - 1))  # as Mamba's
+        self.add_module("x_proj" + suffix, nn.Linear(inner, self.dt_rank + 2 * state, bias=False))
+        dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
+        self.add_module("dt_proj" + suffix, dt_proj)
+        # S4D-real: A = -(1, 2, ..., N) for every channel, stored as log(-A) so that A stays negative
+        A_log = nn.Parameter(torch.log(torch.arange(1, state + 1, dtype=torch.float32)).repeat(inner, 1))
+        D = nn.Parameter(torch.ones(inner))
+        A_log._no_weight_decay = D._no_weight_decay = True  # mamba_ssm's marker for optimiser groups
+        self.register_parameter(f"A{suffix}_log", A_log)
+        self.register_parameter("D" + suffix, D)
+
+    def _scan_branch(self, x, z, suffix):
+        """One Mamba branch on x, z: (batch, E, L) -> gated scan output (batch, E, L)."""
+        conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
+        dt_proj, A_log = getattr(self, "dt_proj" + suffix), getattr(self, f"A{suffix}_log")
+        x = causal_conv1d_silu(x, conv.weight, conv.bias)
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
+        return selective_scan(x, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                              getattr(self, "D" + suffix).float(), z=z, delta_bias=dt_proj.bias.float(),
+                              delta_softplus=True, backend=self.backend)
+
+    def _check_input(self, hidden):
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__}: input must be (batch, L, {self.d_model}), got "
+                             f"{tuple(hidden.shape)}")
+
+
+class BiMambaMixer(_TwoBranchMamba):
+    """Vision Mamba's "bimamba v2": forward branch on the sequence, backward branch on the flipped
+    sequence (flipped back), out_proj((y_fwd + y_bwd) / 2). bidirectional=False is a plain Mamba mixer.
+
+    Deviation from Vim: dt_proj_b gets Mamba's dt init like dt_proj (Vim leaves it at nn.Linear's)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", bidirectional=True,
+                 backend="auto"):
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank,
+                         branches=("", "_b") if bidirectional else ("",), backend=backend)
+        self.bidirectional = bidirectional
+
+    def forward(self, hidden):
+        self._check_input(hidden)
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        y = self._scan_branch(x, z, "")
+        if self.bidirectional:
+            y = (y + self._scan_branch(x.flip(-1), z.flip(-1), "_b").flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+def sr_reorder(x, rate: int):
+    """MambaMIL's sequence reordering on dim 1 of (batch, L, ...): zero-pad L to a multiple of `rate`,
+    then take tokens 0, r, 2r, ..., then 1, 1 + r, ..., and so on (a stride-`rate` interleave)."""
+    _check_rate(rate)
+    batch, length = x.shape[:2]
+    groups = -(-length // rate)
+    if groups * rate > length:
+        x = torch.cat((x, x.new_zeros(batch, groups * rate - length, *x.shape[2:])), dim=1)
+    return x.unflatten(1, (groups, rate)).transpose(1, 2).flatten(1, 2)
+
+
+def sr_restore(y, rate: int, length: int):
+    """Inverse of `sr_reorder`: back to the original order, padding dropped -> (batch, length, ...)."""
+    _check_rate(rate)
+    groups = -(-length // rate)
+    if y.shape[1] != groups * rate:
+        raise ValueError(f"sr_restore: dim 1 must be {groups * rate} (length {length} padded to a multiple "
+                         f"of rate {rate}), got {y.shape[1]}")
+    return y.unflatten(1, (rate, groups)).transpose(1, 2).flatten(1, 2)[:, :length]
+
+
+def _check_rate(rate):
+    if not isinstance(rate, int) or rate < 1:
+        raise ValueError(f"SRMamba rate must be a positive integer, got {rate!r}")
+
+
+class SRMambaMixer(_TwoBranchMamba):
+    """MambaMIL's SRMamba: branch 1 scans the sequence, branch 2 the `sr_reorder`ed sequence (its output
+    put back by `sr_restore`), out_proj(y1 + y2). As in MambaMIL, the reordering is applied to the
+    in_proj output (x and gate z), whose zero padding takes part in branch 2's scan.
+
+    mambamil_init=True reproduces MambaMIL's model-wide init, which also reaches this module: every
+    Linear gets Xavier-normal weights and zero bias (so dt_proj's bias is 0, not Mamba's dt init)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, rate=5, dt_rank="auto", mambamil_init=True,
+                 backend="auto"):
+        _check_rate(rate)
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, backend=backend)
+        self.rate = rate
+        if mambamil_init:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_normal_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+
+    def forward(self, hidden):
+        self._check_input(hidden)
+        length = hidden.shape[1]
+        xz = self.in_proj(hidden)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)
+        y = self._scan_branch(x, z, "").transpose(1, 2)
+        x_r, z_r = sr_reorder(xz, self.rate).transpose(1, 2).chunk(2, dim=1)
+        y_r = sr_restore(self._scan_branch(x_r, z_r, "_b").transpose(1, 2), self.rate, length)
+        return self.out_proj(y + y_r)
