@@ -27,8 +27,6 @@ from methods.pixel_mamba.model import NORM_EPS, Block
 from methods.pixel_mamba.token_ops import deserialize, fusion_count, serialize, token_expansion, zigzag_region_order
 
 MODEL_SIZES = {"pixel_mamba_6m": "6m", "pixel_mamba_21m": "21m"}
-# Mamba's convention (mamba_ssm, Vision Mamba): the SSM's A_log and D are not weight-decayed.
-NO_WEIGHT_DECAY = ("*.A_log", "*.A_b_log", "*.D", "*.D_b")
 
 
 class PoolingHead(nn.Module):
@@ -74,8 +72,9 @@ class PixelMambaClassifier(nn.Module):
         self.head = PoolingHead(output_shape(self.table[-1])[1], num_classes)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter-name patterns timm's optimizer factory keeps out of weight decay."""
-        return set(NO_WEIGHT_DECAY)
+        """Names of the parameters timm's optimizer factory keeps out of weight decay: those the mixer
+        marks `_no_weight_decay` (mamba_ssm's convention: the SSM's A_log and D)."""
+        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
 
     def image_regions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, n, R, R, 3): the image's R x R regions in zigzag order over the grid."""
