@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +36,7 @@ from methods.pixel_mamba.weights import load_weights
 log = logging.getLogger(__name__)
 
 REGION_SIZE = 32  # pixels per side of a model region: the last token's receptive field in both tables
+REGIONS_PER_READ = 8  # regions protocol: random regions read from a slide at once
 
 
 @dataclass
@@ -56,6 +58,7 @@ class PixelMambaConfig:
     dropout: float = 0.0  # [D] before the classifier
     checkpoint_layers: bool = False  # activation checkpointing per layer (memory for time)
     protocol: str = "slide"  # "slide" | "regions" (CAMELYON16)
+    tissue_preset: str = "default"  # tissue segmentation: a name in datasets.tissue.TISSUE_PRESETS
     lowres_mpp: float = 4.0  # slide protocol: input scale, um/px (2.5x)
     min_tissue: float = 0.25  # [D] tissue fraction for a 32-px region to enter the model
     n_regions: int = 100  # [S] regions protocol: regions scored per slide
@@ -102,6 +105,7 @@ class PixelMambaMethod(Method):
         self.name = name
         self.cfg = cfg
         self._products: dict[str, Any] | None = None
+        self._default_mpp: float | None = None
 
     def config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)
@@ -111,11 +115,16 @@ class PixelMambaMethod(Method):
         from datasets.lowres import LowresParams  # slide stage: imported when used (openslide)
         from datasets.preprocess import preprocess_slides
         from datasets.quarantine import Quarantine
+        from datasets.tissue import TISSUE_PRESETS
 
+        if self.cfg.tissue_preset not in TISSUE_PRESETS:
+            raise ValueError(f"pixel_mamba: tissue_preset must be one of {', '.join(TISSUE_PRESETS)}, got {self.cfg.tissue_preset!r}")
+        self._default_mpp = ctx.default_mpp
         products = ("tissue",) if self.cfg.protocol == "regions" else ("tissue", "lowres")
         quarantine = Quarantine(ctx.out_dir / "quarantine" / f"{cohort.name}.csv")
         self._products = preprocess_slides(
             cohort.slides[["slide_id", "path"]], ctx.cache_dir, products=products,
+            tissue=TISSUE_PRESETS[self.cfg.tissue_preset],
             lowres=LowresParams(mpp=self.cfg.lowres_mpp, region_size=REGION_SIZE, min_tissue=self.cfg.min_tissue),
             workers=ctx.num_workers, default_mpp=ctx.default_mpp, strict=ctx.strict, progress=ctx.progress,
             quarantine=quarantine,
@@ -164,13 +173,16 @@ class PixelMambaMethod(Method):
                               weight_decay=self.cfg.weight_decay,
                               accumulation=self.cfg.accumulation or accumulation_steps(self.cfg.effective_batch),
                               seed=seed, device=device)
-        rows = []
+        rows, unscored = [], []
         for partition in ("val", "test"):
             for sample in by_partition.get(partition, []):
-                scores = self._score(model, sample, task, device) if sample.sources else None
+                if not sample.sources:  # the runner leaves patients_without_slides out of the scoring
+                    unscored.append(sample.patient_id)
+                    continue
+                scores = self._score(model, sample, task, device, seed)
                 rows.append(_prediction_row(sample, partition, samples.loc[sample.patient_id], task, scores))
         info = {"epochs": epochs, "train_loss": history, "body_parameters": model.body_parameters(),
-                "unscored_patients": [r["patient_id"] for r in rows if r.pop("_unscored")], **weights_info}
+                "patients_without_slides": unscored, **weights_info}
         return FoldOutput(pd.DataFrame(rows), weights_label, missing_slides=missing, info=info)
 
     def _build(self, task: Task) -> PixelMamba:
@@ -188,28 +200,33 @@ class PixelMambaMethod(Method):
         for wsi_path, tissue in sample.sources:
             yield from self._random_region_pixels(wsi_path, tissue, self.cfg.train_regions, int(rng.integers(2**31)))
 
-    def _score(self, model: PixelMamba, sample: Sample, task: Task, device: torch.device) -> np.ndarray:
+    def _score(self, model: PixelMamba, sample: Sample, task: Task, device: torch.device, seed: int) -> np.ndarray:
         """Class probabilities (classification) or risk (survival) of one patient."""
         if self.cfg.protocol == "slide":
             logits = predict_logits(model, [patient_pixels(sample.sources)], device)[0]
             return survival_risk(logits[None]).numpy() if task.kind == "survival" else torch.softmax(logits, 0).numpy()
         slide_probs = []
-        for index, (wsi_path, tissue) in enumerate(sample.sources):
-            regions = self._random_region_pixels(wsi_path, tissue, self.cfg.n_regions, seed=index)
+        for wsi_path, tissue in sample.sources:
+            slide_seed = seed * 2**32 + zlib.crc32(Path(wsi_path).name.encode())  # fixed per slide and seed
+            regions = self._random_region_pixels(wsi_path, tissue, self.cfg.n_regions, slide_seed)
             probs = torch.softmax(torch.stack(predict_logits(model, regions, device)), dim=1).numpy()
             slide_probs.append(vote(probs, self.cfg.vote))
         return np.mean(slide_probs, axis=0)
 
     def _random_region_pixels(self, wsi_path: Path, tissue: Path, n: int, seed: int) -> Iterator[torch.Tensor]:
-        """`n` random regions of the slide, one at a time (a 2048-px region is 12 MB), as model input."""
+        """`n` random regions of the slide as model inputs, read a few at a time (a 2048-px region is
+        12 MB, a slide's 100 of them 1.2 GB)."""
         from datasets.lowres import random_regions
         from datasets.slides import MAGNIFICATION_MPP, WSI
 
+        if self.cfg.region_magnification not in MAGNIFICATION_MPP:
+            raise ValueError(f"pixel_mamba: region_magnification must be one of {sorted(MAGNIFICATION_MPP)}")
         mpp = MAGNIFICATION_MPP[self.cfg.region_magnification]
-        with WSI.open(wsi_path) as wsi:
-            for i in range(n):
-                image = random_regions(wsi, tissue, 1, self.cfg.region_size, mpp, seed=seed * 100_003 + i)[0]
-                yield torch.from_numpy(image_region_pixels(image, self.cfg.min_tissue))
+        with WSI.open(wsi_path, default_mpp=self._default_mpp) as wsi:
+            for start in range(0, n, REGIONS_PER_READ):
+                count = min(REGIONS_PER_READ, n - start)
+                for image in random_regions(wsi, tissue, count, self.cfg.region_size, mpp, seed=seed * 1_000_003 + start):
+                    yield torch.from_numpy(image_region_pixels(image, self.cfg.min_tissue))
 
 
 # ---- data helpers ----------------------------------------------------------------------------------
@@ -231,7 +248,7 @@ def patient_pixels(lowres_paths: list) -> torch.Tensor:
 def tissue_fraction(pixels: np.ndarray, saturation_threshold: int = 8) -> np.ndarray:
     """Per region (n, R, R, 3) uint8, the fraction of pixels whose HSV saturation exceeds the threshold
     (CLAM's tissue criterion, shared BASELINES.md section 1, without its blur and contours)."""
-    rgb = pixels.astype(np.int16)
+    rgb = pixels.astype(np.int32)
     saturation = (rgb.max(-1) - rgb.min(-1)) * 255 / np.maximum(rgb.max(-1), 1)
     return (saturation > saturation_threshold).mean(axis=(1, 2))
 
@@ -264,15 +281,13 @@ def _targets(train: pd.DataFrame, samples: pd.DataFrame, task: Task) -> dict[str
             for p, b, e in zip(samples.index, bins, samples["event"])}
 
 
-def _prediction_row(sample: Sample, partition: str, labels: pd.Series, task: Task, scores) -> dict[str, Any]:
-    """A patient without a usable slide gets the uninformative score (uniform / zero risk), flagged."""
-    row = {"patient_id": sample.patient_id, "partition": partition, "_unscored": scores is None}
+def _prediction_row(sample: Sample, partition: str, labels: pd.Series, task: Task, scores: np.ndarray) -> dict[str, Any]:
+    row = {"patient_id": sample.patient_id, "partition": partition}
     row.update({column: labels[column] for column in task.label_columns})
     if task.kind == "survival":
-        row["risk"] = float(scores[0]) if scores is not None else 0.0
+        row["risk"] = float(scores[0])
     else:
-        probs = scores if scores is not None else np.full(task.n_classes, 1.0 / task.n_classes)
-        row.update({f"prob_{c}": float(p) for c, p in enumerate(probs)})
+        row.update({f"prob_{c}": float(p) for c, p in enumerate(scores)})
     return row
 
 
