@@ -532,7 +532,7 @@ def _optimizer_step(run: Run, batches: Iterator, mixup, criterion, accumulation:
 
 def _finish(run: Run) -> dict[str, Any]:
     """Write the model folder (and push it) once all epochs are done."""
-    from methods.pixel_mamba.hub import push_to_hub, write_model_folder
+    from methods.pixel_mamba.hub import is_local_repo, push_to_hub, write_model_folder
 
     result = {"status": "done", "step": run.step, "epoch": run.epoch, "history": run.history}
     if not run.dist.main:
@@ -541,7 +541,8 @@ def _finish(run: Run) -> dict[str, Any]:
     metrics = {k: run.history[-1][k] for k in ("epoch", "top1", "top5", "loss")} if run.history else {}
     config = {"model": cfg.model, "num_classes": len(run.classes), "classes": run.classes, "img_size": cfg.img_size,
               "alpha": cfg.alpha, "recipe": {**cfg.recipe(), "dataset": Path(cfg.data).name, "steps": run.step},
-              "metrics": {f"val_{k}" if k != "epoch" else k: v for k, v in metrics.items()}}
+              "metrics": {f"val_{k}" if k != "epoch" else k: v for k, v in metrics.items()},
+              "repo": None if not cfg.push_to_hub or is_local_repo(cfg.push_to_hub) else cfg.push_to_hub}
     result["model_dir"] = str(write_model_folder(Path(cfg.out) / "model", run.model.state_dict(), config))
     if cfg.push_to_hub:
         result["pushed"] = push_to_hub(Path(result["model_dir"]), cfg.push_to_hub)

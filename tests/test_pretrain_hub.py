@@ -36,9 +36,10 @@ def test_model_folder_has_the_weights_and_a_card_with_recipe_and_metrics(folder,
     assert card.data.library_name == "wsi-bench" and card.data.datasets == ["imagenet-1k"]
     for row in ("| lr | 0.001 |", "| weight_decay | 0.05 |", "| mixup | 0.8 |", "| val_top1 | 71.2500 |", "| epoch | 300 |"):
         assert row in card.text, row
-    assert "--method pixel_mamba --weights hf:" in card.text
-    rewritten = write_model_folder(folder, classifier.state_dict(), {**CONFIG, "metrics": {"val_top1": 72.0}})
-    assert "| val_top1 | 72.0000 |" in (rewritten / "README.md").read_text()
+    assert "--method pixel_mamba --weights hf:OWNER/NAME" in card.text
+    rewritten = write_model_folder(folder, classifier.state_dict(), {**CONFIG, "metrics": {"val_top1": 72.0}, "repo": "lab/pm6m"})
+    text = (rewritten / "README.md").read_text()
+    assert "| val_top1 | 72.0000 |" in text and "--weights hf:lab/pm6m" in text and "71.25" not in text
 
 
 def test_push_to_a_local_folder_and_load_it_by_hf_path_into_the_wsi_model(folder, classifier, tmp_path):

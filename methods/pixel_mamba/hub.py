@@ -28,8 +28,8 @@ CARD_NAME = "README.md"
 def write_model_folder(folder: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Write the weights, config and model card to `folder` (replaced atomically); returns it.
 
-    config: plain data with at least `model` and `num_classes`; `recipe` (dict) and `metrics`
-    (dict) go into the card when present."""
+    config: plain data with at least `model` and `num_classes`; `recipe` (dict), `metrics` (dict) and
+    `repo` (the hub name it will be pushed to) go into the card when present."""
     from safetensors.torch import save_file
 
     from datasets.cache import atomic_path
@@ -51,6 +51,8 @@ def model_card(config: dict[str, Any]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     model, metrics, recipe = config["model"], config.get("metrics") or {}, config.get("recipe") or {}
+    repo = config.get("repo") or "OWNER/NAME"
+    side = int(config.get("img_size", 224))
     data = ModelCardData(library_name="wsi-bench", license="apache-2.0", tags=["pathology", "mamba", "image-classification", "pixel-mamba"],
                          datasets=[recipe["dataset"]] if recipe.get("dataset") else None, metrics=["accuracy"],
                          pipeline_tag="image-classification")
@@ -64,15 +66,16 @@ def model_card(config: dict[str, Any]) -> str:
 # {model}: Pixel-Mamba pretrained as an image classifier
 
 Pixel-Mamba (arXiv 2412.16711) as the paper pretrains it before whole-slide fine-tuning: pixel tokens of
-224 x 224 images (7 x 7 regions of 32 x 32 pixels) through 24 bidirectional Mamba layers with token
+{side} x {side} images ({side // 32} x {side // 32} regions of 32 x 32 pixels) through 24 bidirectional Mamba layers with token
 expansion and region fusion, then norm, mean pooling and a linear classifier over
 {config["num_classes"]} classes. Trained with wsi-bench: `python -m benchmark.pretrain`.
 
 ## Use
 
-Fine-tune on whole slides (the body `layers.*` is loaded, the head is new):
+Fine-tune on whole slides (the body `layers.*` and the final norm `head.norm` are loaded; the
+attention pooling and the classifier are new):
 
-    python run_benchmark.py --method {"pixel_mamba_21m" if model.endswith("21m") else "pixel_mamba"} --weights hf:OWNER/NAME ...
+    python run_benchmark.py --method {"pixel_mamba_21m" if model.endswith("21m") else "pixel_mamba"} --weights hf:{repo} ...
 
 or load the classifier:
 
