@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_FLAGS ?= --method all --dataset synthetic --folds 5 --preset demo --weights random
+DEMO_FLAGS ?= --method r50_abmil,r50_mambamil,conch_abmil,conch_mambamil,r50_meanpool,r50_maxpool,pixel_mamba --dataset synthetic --folds 5 --preset demo --weights random --max-epochs 10
 
 .PHONY: demo test install leaderboard clean-demo
 

@@ -60,7 +60,7 @@ class PixelMambaConfig:
     dropout: float = 0.0  # [D] before the classifier
     checkpoint_layers: bool = False  # activation checkpointing per layer (memory for time)
     protocol: str = "slide"  # "slide" | "regions" (CAMELYON16)
-    tissue_preset: str = "default"  # tissue segmentation: a name in datasets.tissue.TISSUE_PRESETS
+    tissue_preset: str | None = None  # a name in datasets.tissue.TISSUE_PRESETS; None: the cohort's own
     lowres_mpp: float = 4.0  # slide protocol: input scale, um/px (2.5x)
     min_tissue: float = 0.25  # [D] tissue fraction for a 32-px region to enter the model
     n_regions: int = 100  # [S] regions protocol: regions scored per slide
@@ -119,14 +119,14 @@ class PixelMambaMethod(Method):
         from datasets.quarantine import Quarantine
         from datasets.tissue import TISSUE_PRESETS
 
-        if self.cfg.tissue_preset not in TISSUE_PRESETS:
+        if self.cfg.tissue_preset is not None and self.cfg.tissue_preset not in TISSUE_PRESETS:
             raise ValueError(f"pixel_mamba: tissue_preset must be one of {', '.join(TISSUE_PRESETS)}, got {self.cfg.tissue_preset!r}")
         self._default_mpp = ctx.default_mpp
         products = ("tissue",) if self.cfg.protocol == "regions" else ("tissue", "lowres")
         quarantine = Quarantine(ctx.out_dir / "quarantine" / f"{cohort.name}.csv")
         self._products = preprocess_slides(
             cohort.slides[["slide_id", "path"]], ctx.cache_dir, products=products,
-            tissue=TISSUE_PRESETS[self.cfg.tissue_preset],
+            tissue=TISSUE_PRESETS[self.cfg.tissue_preset] if self.cfg.tissue_preset else cohort.tissue_params(),
             lowres=LowresParams(mpp=self.cfg.lowres_mpp, region_size=REGION_SIZE, min_tissue=self.cfg.min_tissue),
             workers=ctx.num_workers, default_mpp=ctx.default_mpp, strict=ctx.strict, progress=ctx.progress,
             quarantine=quarantine,
