@@ -73,4 +73,5 @@ def leaderboard_text(path) -> str:
     import re
     from pathlib import Path
 
-    return re.sub(r"(cpu|gpu) [0-9.e+-]+ · [0-9.e+-]+ · [0-9.e+-]+", "<cost>", Path(path).read_text())
+    masked = re.sub(r"(cpu|gpu) [0-9.e+-]+ · [0-9.e+-]+ · [0-9.e+-]+", "<cost>", Path(path).read_text())
+    return re.sub(r"[ -]+\|", " |", masked)  # table padding follows the widest (masked) cell
