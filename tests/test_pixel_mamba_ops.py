@@ -10,7 +10,7 @@ from methods.pixel_mamba.layers import H_AVG, H_CAT, TABLE_6M, TABLE_21M, V_AVG,
 from methods.pixel_mamba.token_ops import (
     cut_regions,
     deserialize,
-    fusion_count,
+    fusion_schedule,
     region_fusion,
     serialize,
     token_expansion,
@@ -94,12 +94,15 @@ def _regions(*means):
     return torch.tensor([[m, m] for m in means], dtype=torch.float64).view(len(means), 1, 2, -1)
 
 
-def test_fusion_count():
-    assert fusion_count(100, 0.8, 24) == math.ceil(80 / 24) == 4
-    assert fusion_count(1, 0.8, 24) == 1  # capped to n - 1 = 0 by region_fusion
-    assert fusion_count(10, 0.0, 24) == 0
+def test_fusion_schedule():
+    assert fusion_schedule(1000, 0.8, 24) == [34] * 23 + [800 - 23 * 34]  # k = ceil(800 / 24) = 34
+    assert fusion_schedule(100, 0.8, 24) == [4] * 20 + [0] * 4  # 80 of 100 fused
+    assert fusion_schedule(10, 0.8, 24) == [1] * 8 + [0] * 16
+    assert fusion_schedule(10, 1.0, 24) == [1] * 9 + [0] * 15  # down to one region
+    assert fusion_schedule(1, 0.8, 24) == [0] * 24
+    assert fusion_schedule(10, 0.0, 24) == [0] * 24
     with pytest.raises(ValueError, match="alpha"):
-        fusion_count(10, 1.5, 24)
+        fusion_schedule(10, 1.5, 24)
 
 
 def test_fusion_merges_the_most_similar_neighbours_size_weighted():
@@ -127,25 +130,26 @@ def test_fusion_of_a_run_is_the_size_weighted_average_of_all_its_members():
 
 def test_fusion_over_24_layers_keeps_order_and_counts():
     torch.manual_seed(0)
-    n, k = 50, fusion_count(50, 0.8, 24)
+    n = 50
+    schedule = fusion_schedule(n, 0.8, 24)  # k = 2 per layer until 40 are fused
     position = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1).expand(n, 2, 2, 1)
     x = torch.cat([position, torch.randn(n, 2, 2, 3, dtype=torch.float64)], dim=-1)
     sizes = torch.ones(n, dtype=torch.float64)
-    for _ in range(24):
+    for k in schedule:
         before = x.shape[0]
         x, sizes = region_fusion(x, sizes, k)
-        assert x.shape[0] == max(before - k, 1)
+        assert x.shape[0] == before - k
         assert sizes.sum().item() == n
         positions = x[:, 0, 0, 0]  # size-weighted mean scan position of each merged run
         assert torch.all(positions[1:] > positions[:-1])
-    assert x.shape[0] == n - 24 * k == 2  # alpha 0.8 with k rounded up: 96% fused
+    assert x.shape[0] == 10
     # every input region counted once: sum(size * mean position) = sum of all positions
     assert (sizes * x[:, 0, 0, 0]).sum().item() == pytest.approx(n * (n - 1) / 2)
 
 
 def test_fusion_with_one_region_does_nothing():
     x, sizes = torch.randn(1, 4, 4, 2), torch.ones(1)
-    merged, new_sizes = region_fusion(x, sizes, fusion_count(1, 0.8, 24))
+    merged, new_sizes = region_fusion(x, sizes, 1)  # k is capped at n - 1 = 0
     assert merged is x and new_sizes is sizes
 
 

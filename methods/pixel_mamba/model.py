@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from methods.pixel_mamba.layers import TABLES, LayerSpec, output_shape
-from methods.pixel_mamba.token_ops import deserialize, fusion_count, region_fusion, serialize, token_expansion
+from methods.pixel_mamba.token_ops import deserialize, fusion_schedule, region_fusion, serialize, token_expansion
 from methods.ssm.mixer import BiMambaMixer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the paper pretrains on ImageNet-1K: its input statistics
@@ -86,8 +86,8 @@ class PixelMamba(nn.Module):
             raise ValueError(f"Pixel-Mamba regions are {self.region_size}x{self.region_size} pixels, got {height}x{width}")
         x = (pixels.float() - self.pixel_mean) / self.pixel_std
         sizes = torch.ones(n, device=x.device)
-        k = fusion_count(n, self.alpha, len(self.layers))
-        for spec, block in zip(self.table, self.layers):
+        schedule = fusion_schedule(n, self.alpha, len(self.layers))
+        for spec, block, k in zip(self.table, self.layers, schedule):
             seq = serialize(x)
             if self.checkpoint_layers and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, use_reentrant=False)

@@ -85,11 +85,21 @@ def token_expansion(x: torch.Tensor, te: TokenExpansion) -> torch.Tensor:
     return pairs.mean(dim=3)
 
 
-def fusion_count(n_input_regions: int, alpha: float, n_layers: int) -> int:
-    """k = ceil(alpha * n / L): regions merged away per layer (n = regions entering the model)."""
+def fusion_schedule(n_input_regions: int, alpha: float, n_layers: int) -> list[int]:
+    """Regions merged away at each layer: k = ceil(alpha * n / L), until round(alpha * n) are gone.
+
+    The budget keeps the design's "alpha of the regions are fused by the end": without it the rounding
+    up of k fuses far more when n is small (n = 10: k = 1 for 24 layers would fuse everything by
+    layer 10 instead of 8 of the 10 regions); for n >> L it only trims the last layers' k."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"region fusion alpha must lie in [0, 1], got {alpha}")
-    return math.ceil(alpha * n_input_regions / n_layers)
+    k = math.ceil(alpha * n_input_regions / n_layers)
+    remaining = min(round(alpha * n_input_regions), n_input_regions - 1)
+    schedule = []
+    for _ in range(n_layers):
+        schedule.append(max(0, min(k, remaining)))
+        remaining -= schedule[-1]
+    return schedule
 
 
 def region_fusion(x: torch.Tensor, sizes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
