@@ -30,9 +30,9 @@ from benchmark.registry import AGGREGATORS, METHODS
 from datasets.cohorts.base import Cohort, Fold, Task
 from datasets.patches import PatchParams
 from datasets.quarantine import Quarantine
-from datasets.tissue import TISSUE_PRESETS, TissueParams
+from datasets.tissue import TissueParams
 from methods.encoders import weights_provenance
-from methods.features import extract_slides, feature_attrs, feature_folder, load_features
+from methods.features import extract_slides, feature_attrs, feature_folder, load_features, tissue_params
 from methods.losses import survival_bin_edges, survival_bins
 from methods.mil import Bag, Recipe, predict_bags, train_bags
 
@@ -42,25 +42,12 @@ RECIPES = {
 }
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 
-# Tissue detection for the synthetic cohort's small slides (4096 x 3072 at 40x): CLAM's area thresholds
-# (100 and 16 patches of 512^2 level-0 px) exceed their tissue pieces.
-SYNTHETIC_TISSUE = dataclasses.replace(TISSUE_PRESETS["default"], a_t=1.0, a_h=0.25)
 # `--preset demo`: the synthetic cohort on 2 CPU cores. CONCH at 224 px as CLAM feeds it (ViT-B at 448
 # is about 1 patch/s on 2 cores); recipes unchanged (--max-epochs caps them).
 PRESETS = {"demo": {"tissue": "synthetic", "conch_input_size": 224}}
 
 # Bags of a fold larger than this (float32 bytes) are read from disk at each step instead of kept.
 IN_MEMORY_BYTES = 4 * 2**30
-
-
-def tissue_params(tissue) -> TissueParams:
-    if isinstance(tissue, TissueParams):
-        return tissue
-    if tissue == "synthetic":
-        return SYNTHETIC_TISSUE
-    if tissue in TISSUE_PRESETS:
-        return TISSUE_PRESETS[tissue]
-    raise ValueError(f"unknown tissue preset '{tissue}'; choose from {', '.join([*TISSUE_PRESETS, 'synthetic'])}")
 
 
 class TwoStageMethod(Method):
