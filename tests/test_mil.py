@@ -186,3 +186,14 @@ def test_mambamil_trains_on_cpu_and_repeats_by_seed():
         return predict_bags(model, toy_bags(2, 1), "classification")
 
     np.testing.assert_array_equal(run(0), run(0))
+
+
+def test_cpu_training_uses_one_thread_and_restores_the_setting(monkeypatch):
+    seen = []
+    model = PoolMIL(8, 2, "mean")
+    original_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda bag: seen.append(torch.get_num_threads()) or original_forward(bag))
+    before = torch.get_num_threads()
+    train_bags(model, toy_bags(2, 0), "classification", Recipe(epochs=1), seed=0)
+    predict_bags(model, toy_bags(1, 0), "classification")
+    assert set(seen) == {1} and torch.get_num_threads() == before
