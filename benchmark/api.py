@@ -42,6 +42,10 @@ class FoldOutput:
 
     predictions: one row per scored patient: patient_id, partition ('val' or 'test'), the task's label
         columns, and `prob_0..prob_{K-1}` (classification) or `risk` (survival; higher = worse).
+    info: free-form facts about the fold; survival methods put `train_risk_median` (the median risk of
+        the fold's training patients, same scale as `risk`: the leaderboard's Kaplan-Meier split) and
+        `timings` (train_s, n_train_slides = slides seen summed over epochs, infer_s, n_infer_slides: the
+        cost columns).
     weights: how the pretrained parts were initialised: 'pretrained:<source>', 'random' (a pretrained
         encoder replaced by random weights: flagged in leaderboards) or 'none' (nothing pretrained).
     """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmark.registry import AGGREGATORS, DATASETS, ENCODERS, METHODS, UnknownNameError, load_all
 
-EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +38,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="worker processes for slide reading")
     p.add_argument("--dry-run", action="store_true", help="print the job plan and exit")
     p.add_argument("--leaderboard", action="store_true", help="rebuild leaderboards from the results in --out and exit")
+    p.add_argument("--combine", nargs="*", metavar="DATASET:TASK",
+                   help="with --leaderboard: also write leaderboards/combined.md and .tex over these tables (none: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="import this module first (it registers extra methods/datasets); job processes import it too")
+    g = p.add_argument_group("scheduling (docs/scheduling.md)")
+    g.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: this machine (one process per job with --gpus); slurm: job arrays through submitit")
+    g.add_argument("--cpu-jobs", type=int, default=0,
+                   help="local launcher without --gpus: run N jobs at a time in their own processes (0: one after another in this process)")
+    g.add_argument("--gpus-per-job", type=int,
+                   help="GPUs per job (default: the method's own, 1 for most); slurm: 0 runs CPU jobs")
+    g.add_argument("--retry-oom", action="store_true",
+                   help="retry a job that ran out of GPU memory once, with the method's memory-saving settings")
+    g.add_argument("--partition", help="slurm partition")
+    g.add_argument("--time", help="slurm time limit per job, e.g. 4:00:00 (jobs that hit it are requeued and resume)")
+    g.add_argument("--account", help="slurm account")
+    g.add_argument("--sbatch-flag", dest="sbatch_flags", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch option (repeatable), e.g. --sbatch-flag qos=high --sbatch-flag cpus-per-task=8")
     return p.parse_args(argv)
 
 
@@ -59,30 +77,45 @@ def print_registries() -> None:
         print()
 
 
-def resolve_device(gpus: str) -> str:
-    if not gpus:
-        return "cpu"
-    import torch
+def resolve_gpus_and_device(args: argparse.Namespace) -> tuple[list[int], str]:
+    """GPU ids of the local launcher and the device jobs run on."""
+    if args.launcher == "slurm":
+        if args.gpus:
+            raise ValueError("--gpus picks GPUs of this machine (local launcher); with slurm use --gpus-per-job")
+        return [], "cpu" if args.gpus_per_job == 0 else "cuda"
+    from benchmark.launchers.local import resolve_gpus
 
-    if not torch.cuda.is_available():
-        raise ValueError(f"--gpus {gpus} given but no CUDA GPU is visible; drop --gpus to run on the CPU")
-    return "cuda"
+    gpus = resolve_gpus(args.gpus)
+    return gpus, "cuda" if gpus else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     load_all()
+    from benchmark.runner import load_plugins
+
+    try:
+        load_plugins(args.plugins)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if args.list:
         print_registries()
         return EXIT_OK
-    if args.leaderboard:
-        from benchmark import leaderboard
+    if args.leaderboard or args.combine is not None:
+        from benchmark import combine, leaderboard
 
         paths = leaderboard.build(args.out, args.leaderboard_dir)
         if not paths:
             print(f"no results under {args.out / 'results'}; run a benchmark first", file=sys.stderr)
             return EXIT_USAGE
+        if args.combine is not None:
+            try:
+                paths += combine.write_combined(args.out, args.leaderboard_dir, args.combine)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_USAGE
         print("\n".join(f"leaderboard: {p}" for p in paths))
         return EXIT_OK
     if not args.method or not args.dataset:
@@ -96,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished results are kept under {args.out / 'results'}; "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
@@ -111,12 +148,16 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         if not sep:
             raise ValueError(f"--set {item}: expected KEY=VALUE")
         overrides[key] = parse_value(value)
+    gpus, device = resolve_gpus_and_device(args)
     opts = RunOptions(methods=methods, dataset=args.dataset, task=args.task, n_folds=args.folds, seeds=args.seeds,
                       out_dir=args.out, cache_dir=args.cache_dir, data_root=args.data_root,
                       leaderboard_dir=args.leaderboard_dir, max_epochs=args.max_epochs, weights=args.weights,
                       splits=args.splits, split_seed=args.split_seed, strict=args.strict,
-                      default_mpp=args.default_mpp, workers=args.workers, device=resolve_device(args.gpus),
-                      preset=args.preset, overrides=overrides, progress=not args.no_progress)
+                      default_mpp=args.default_mpp, workers=args.workers, device=device,
+                      preset=args.preset, overrides=overrides, progress=not args.no_progress,
+                      plugins=args.plugins, launcher=args.launcher, gpus=gpus, cpu_jobs=args.cpu_jobs,
+                      gpus_per_job=args.gpus_per_job, retry_oom=args.retry_oom, partition=args.partition,
+                      time=args.time, account=args.account, sbatch_flags=args.sbatch_flags)
     state = make_plan(opts)
     todo = [p for p in state.planned if not p.done]
     print(f"plan: {len(state.planned)} jobs ({len(methods)} methods x {len(state.folds)} folds x {len(args.seeds)} seeds) "

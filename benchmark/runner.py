@@ -2,6 +2,7 @@
 write one result file per job, rebuild the leaderboards."""
 from __future__ import annotations
 
+import importlib
 import random
 import time
 import traceback
@@ -12,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from benchmark import leaderboard, provenance
 from benchmark.api import FoldOutput, Method, RunContext
 from benchmark.jobs import PlannedJob, plan
 from benchmark.metrics import compute_metrics
 from benchmark.registry import DATASETS, METHODS, load_all
-from benchmark.results import atomic_write_text, write_result
+from benchmark.results import atomic_write_text
 from datasets.cohorts.base import Cohort, Fold, Task
+from datasets.splits import write_split_dir
 
 
 @dataclass
@@ -45,6 +46,17 @@ class RunOptions:
     preset: str | None = None
     overrides: dict = field(default_factory=dict)
     progress: bool = True
+    plugins: list[str] = field(default_factory=list)  # modules imported to register extra methods/datasets
+    # how jobs run (benchmark/launchers; docs/scheduling.md)
+    launcher: str = "local"  # "local" | "slurm"
+    gpus: list[int] = field(default_factory=list)  # local: GPU ids, one job process per GPU; empty: CPU
+    cpu_jobs: int = 0  # local on the CPU: 0 = jobs one after another in this process; N = N job processes
+    gpus_per_job: int | None = None  # None: each method's own `gpus_per_job` (default 1)
+    retry_oom: bool = False  # retry an out-of-memory job once with the method's memory-saving settings
+    partition: str | None = None  # slurm
+    time: str | None = None  # slurm time limit per job, sbatch syntax (e.g. "4:00:00")
+    account: str | None = None  # slurm
+    sbatch_flags: list[str] = field(default_factory=list)  # slurm: extra "KEY=VALUE" sbatch options
 
 
 @dataclass
@@ -137,6 +149,7 @@ def execute_job(planned: PlannedJob, method: Method, cohort: Cohort, task: Task,
         "metrics_by_partition": metrics,
         "predictions": preds.to_dict("records"),
         "n_patients": {part: len(ids) for part, ids in fold.partitions().items()},
+        "n_slides": {part: int(cohort.slides["patient_id"].isin(ids).sum()) for part, ids in fold.partitions().items()},
         "missing_slides": sorted(out.missing_slides),
         "weights": out.weights,
         "info": out.info,
@@ -153,8 +166,8 @@ def reset_peak_memory(device: str) -> None:
 
 
 def cost(timings: dict, device: str) -> dict:
-    """What a job cost: seconds per slide for training and inference (methods report
-    train_s / n_train_slides / infer_s / n_infer_slides in info['timings']) and peak memory."""
+    """What a job cost: seconds per slide for training and inference (methods report train_s,
+    n_train_slides = slides seen over all epochs, infer_s, n_infer_slides in info['timings']) and peak memory."""
     import resource
 
     per_slide = {}
@@ -169,14 +182,22 @@ def cost(timings: dict, device: str) -> dict:
     return {"device": "gpu" if device.startswith("cuda") else "cpu", **per_slide, **peak}
 
 
-def write_run_provenance(opts: RunOptions, argv: list[str] | None) -> None:
+def write_run_provenance(opts: RunOptions, argv: list[str] | None, state: RunState | None = None) -> None:
+    """<out>/provenance/run_<time>_<pid>.json: how this run was made (two runners never share a file)."""
     import json
+    import os
 
     record = {"argv": argv, "options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()},
+              "method_configs": {name: m.config() for name, m in state.methods.items()} if state else None,
+              "jobs_planned": len(state.planned) if state else None,
               "versions": provenance.package_versions(), "git_commit": provenance.git_commit(),
-              "hardware": provenance.hardware(), "started_at": datetime.now(timezone.utc).isoformat()}
+              "hardware": {**provenance.hardware(), "cuda": torch.version.cuda},
+              "environment": {k: v for k, v in os.environ.items()
+                              if k == "CUDA_VISIBLE_DEVICES" or k.startswith(("SLURM_JOB", "SLURM_CLUSTER"))},
+              "started_at": datetime.now(timezone.utc).isoformat()}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    atomic_write_text(Path(opts.out_dir) / "provenance" / f"run_{stamp}.json", json.dumps(record, indent=1, default=str))
+    atomic_write_text(Path(opts.out_dir) / "provenance" / f"run_{stamp}_{os.getpid()}.json",
+                      json.dumps(record, indent=1, default=str))
 
 
 @dataclass
@@ -191,6 +212,7 @@ class RunState:
 def make_plan(opts: RunOptions) -> RunState:
     """Build the cohort, its folds (audited) and the methods, and plan the jobs. Runs nothing."""
     load_all()
+    load_plugins(opts.plugins)
     cohort = build_cohort(opts)
     task = cohort.task(opts.task)
     folds = cohort.folds(task, opts.n_folds, opts.split_seed)
@@ -199,36 +221,27 @@ def make_plan(opts: RunOptions) -> RunState:
     return RunState(cohort, task, folds, methods, planned)
 
 
+def load_plugins(modules: list[str]) -> None:
+    """Import modules that register extra methods or datasets (`--plugin`); job processes import them too."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"--plugin {module}: cannot import it ({err}); give an importable module path "
+                             "(run from the repository root or add its folder to PYTHONPATH)") from err
+
+
 def run(opts: RunOptions, state: RunState | None = None, argv: list[str] | None = None) -> RunSummary:
-    """Run every job of the plan that is not done yet, then rebuild the leaderboards."""
+    """Run every job of the plan that is not done yet (through the launcher), then rebuild the leaderboards."""
+    from benchmark.launchers import launch
+
     state = state or make_plan(opts)
     summary = RunSummary(state.planned)
-    write_run_provenance(opts, argv)
+    write_run_provenance(opts, argv, state)
     leaderboard.record_plan(Path(opts.out_dir), state.planned)
-    todo = [p for p in state.planned if not p.done]
-    by_fold = {f.index: f for f in state.folds}
-    bar = tqdm(total=len(todo), desc="jobs", unit="job", disable=not opts.progress)
-    for name, method in state.methods.items():
-        jobs = [p for p in todo if p.job.method == name]
-        if not jobs:
-            continue
-        prepare_error = prepare(method, state.cohort, context(opts))
-        for planned_job in jobs:
-            if prepare_error:
-                record = {"job": planned_job.job.__dict__, "config": planned_job.config,
-                          "config_hash": planned_job.config_hash, "status": "failed", "error": prepare_error}
-            else:
-                ctx = context(opts, job_dir(opts, planned_job))
-                record = execute_job(planned_job, method, state.cohort, state.task, by_fold[planned_job.job.fold], ctx)
-            write_result(planned_job.path, record)
-            summary.ran.append(planned_job.job.name)
-            if record["status"] != "ok":
-                summary.failed[planned_job.job.name] = record["error"]
-                if opts.strict:
-                    raise RuntimeError(f"{planned_job.job.name} failed (--strict): {record['error']}")
-            bar.set_postfix(done=len(summary.ran), failed=len(summary.failed))
-            bar.update()
-    bar.close()
+    # the folds every job used, as CLAM-style CSVs: `--splits <this folder>` repeats the run exactly
+    write_split_dir(state.folds, Path(opts.out_dir) / "splits" / state.cohort.name / state.task.name)
+    launch(opts, state, summary)
     summary.leaderboards = leaderboard.build(Path(opts.out_dir), Path(opts.leaderboard_dir))
     return summary
 

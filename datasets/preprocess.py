@@ -156,11 +156,27 @@ def _jobs(slides: pd.DataFrame, **common) -> list[_Job]:
     return [_Job(str(row.slide_id), str(row.path), **common) for row in slides.itertuples(index=False)]
 
 
+def _is_cached(job: _Job) -> bool:
+    try:
+        return not _missing(planned_products(job))
+    except Exception:  # an unreadable path: let process_slide report it
+        return False
+
+
 def _run(jobs: list[_Job], workers: int, progress: bool):
-    """Yield each job's result as it completes, in worker processes when workers > 0."""
+    """Yield each job's result as it completes, in worker processes when workers > 0.
+
+    Slides whose products are all cached are answered here: starting worker processes (each imports
+    the suite) would cost more than the whole cached pass."""
     bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
     with bar:
-        if workers <= 0:
+        is_cached = [_is_cached(job) for job in jobs]
+        cached = [job for job, hit in zip(jobs, is_cached) if hit]
+        jobs = [job for job, hit in zip(jobs, is_cached) if not hit]
+        for job in cached:
+            yield process_slide(job)
+            bar.update()
+        if workers <= 0 or not jobs:
             for job in jobs:
                 yield process_slide(job)
                 bar.update()

@@ -45,6 +45,8 @@ class TissueParams:
 TISSUE_PRESETS = {
     "default": TissueParams(),
     "tcga": TissueParams(a_t=16.0, a_h=4.0),  # CLAM's tcga.csv preset: smaller pieces kept
+    # the synthetic slides are about 1 x 0.8 mm: CLAM's a_t = 100 (1.6 mm^2) would reject every piece
+    "synthetic": TissueParams(a_t=1.0, a_h=1.0),
 }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import dataclasses
 import json
 import re
 import sys
@@ -49,23 +48,6 @@ from methods.encoders.weights import parse_weights
 FEATURES_VERSION = 1
 PRODUCER = "wsi-bench"
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide")
-
-
-# Tissue detection for the synthetic cohort's small slides (4096 x 3072 at 40x): CLAM's area thresholds
-# (100 and 16 patches of 512^2 level-0 px) exceed their tissue pieces.
-SYNTHETIC_TISSUE = dataclasses.replace(TISSUE_PRESETS["default"], a_t=1.0, a_h=0.25)
-TISSUE_CHOICES = (*TISSUE_PRESETS, "synthetic")
-
-
-def tissue_params(tissue: str | TissueParams) -> TissueParams:
-    """A TissueParams, or a preset name: CLAM's 'default' and 'tcga', or 'synthetic'."""
-    if isinstance(tissue, TissueParams):
-        return tissue
-    if tissue == "synthetic":
-        return SYNTHETIC_TISSUE
-    if tissue in TISSUE_PRESETS:
-        return TISSUE_PRESETS[tissue]
-    raise ValueError(f"unknown tissue preset '{tissue}'; choose from {', '.join(TISSUE_CHOICES)}")
 
 
 # ----------------------------------------------------------------------------- where files go
@@ -452,14 +434,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader / slide-stage worker processes")
     parser.add_argument("--default-mpp", type=float, default=None)
-    parser.add_argument("--tissue-preset", default="default", choices=TISSUE_CHOICES, help="CLAM segmentation preset")
+    parser.add_argument("--tissue-preset", default="default", choices=sorted(TISSUE_PRESETS), help="tissue segmentation preset")
     parser.add_argument("--shard", default=None, help="i/n: only every n-th slide from the i-th (one process per GPU)")
     parser.add_argument("--bench", action="store_true", help="time extraction into a temporary folder; print JSON")
     args = parser.parse_args(argv)
     try:
         table = shard(slide_table(args.slides), args.shard)
         patch = PatchParams(magnification=args.magnification, patch_size=args.patch_size)
-        common = dict(input_size=args.input_size, patch=patch, tissue=tissue_params(args.tissue_preset), device=args.device, batch_size=args.batch_size,
+        common = dict(input_size=args.input_size, patch=patch, tissue=TISSUE_PRESETS[args.tissue_preset], device=args.device, batch_size=args.batch_size,
                       num_workers=args.workers, default_mpp=args.default_mpp)
         if args.bench:
             print(json.dumps(benchmark(table, args.encoder, weights=args.weights or "random", cache_dir=args.cache_dir, **common)))

@@ -30,9 +30,9 @@ from benchmark.registry import AGGREGATORS, METHODS
 from datasets.cohorts.base import Cohort, Fold, Task
 from datasets.patches import PatchParams
 from datasets.quarantine import Quarantine
-from datasets.tissue import TissueParams
+from datasets.tissue import TISSUE_PRESETS, TissueParams
 from methods.encoders import weights_provenance
-from methods.features import extract_slides, feature_attrs, feature_folder, load_features, tissue_params
+from methods.features import extract_slides, feature_attrs, feature_folder, load_features
 from methods.losses import survival_bin_edges, survival_bins
 from methods.mil import Bag, Recipe, predict_bags, train_bags
 
@@ -44,10 +44,19 @@ RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 # `--preset demo`: the synthetic cohort on 2 CPU cores. CONCH at 224 px as CLAM feeds it (ViT-B at 448
 # is about 1 patch/s on 2 cores); recipes unchanged (--max-epochs caps them).
-PRESETS = {"demo": {"tissue": "synthetic", "conch_input_size": 224}}
+PRESETS = {"demo": {"conch_input_size": 224}}
 
 # Bags of a fold larger than this (float32 bytes) are read from disk at each step instead of kept.
 IN_MEMORY_BYTES = 4 * 2**30
+
+
+def tissue_params(tissue) -> TissueParams | None:
+    """None: the cohort's own preset (Cohort.tissue_preset)."""
+    if tissue is None or isinstance(tissue, TissueParams):
+        return tissue
+    if tissue in TISSUE_PRESETS:
+        return TISSUE_PRESETS[tissue]
+    raise ValueError(f"unknown tissue preset '{tissue}'; choose from {', '.join(TISSUE_PRESETS)}")
 
 
 class TwoStageMethod(Method):
@@ -57,7 +66,7 @@ class TwoStageMethod(Method):
     dropout, early_stopping, inner_val_fraction, patience), applied to both task kinds."""
 
     def __init__(self, name: str, encoder: str, aggregator: str, patch_size: int, magnification: float = 20,
-                 input_size: int | None = None, tissue: str | TissueParams = "default", features_dir: str | None = None,
+                 input_size: int | None = None, tissue: str | TissueParams | None = None, features_dir: str | None = None,
                  batch_size: int = 128, preset: str | None = None, **recipe_overrides):
         unknown = set(recipe_overrides) - set(RECIPE_KEYS)
         if unknown:
@@ -66,7 +75,6 @@ class TwoStageMethod(Method):
         if preset is not None:
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset '{preset}'; presets: {', '.join(PRESETS)}")
-            tissue = PRESETS[preset]["tissue"]
             if encoder == "conch_v1" and input_size is None:
                 input_size = PRESETS[preset]["conch_input_size"]
         self.name, self.encoder, self.aggregator = name, encoder, aggregator
@@ -82,7 +90,7 @@ class TwoStageMethod(Method):
             "aggregator": self.aggregator,
             "patch": dataclasses.asdict(self.patch),
             "input_size": self.input_size,
-            "tissue": dataclasses.asdict(self.tissue),
+            "tissue": dataclasses.asdict(self.tissue) if self.tissue else "cohort preset",
             "features_dir": str(self.features_dir) if self.features_dir else None,
             "recipes": {kind: recipe.as_dict() for kind, recipe in self.recipes.items()},
         }
@@ -96,7 +104,7 @@ class TwoStageMethod(Method):
             return
         quarantine = Quarantine(Path(ctx.out_dir) / "quarantine" / f"{cohort.name}.csv")
         extract_slides(cohort.slides[["slide_id", "path"]], Path(ctx.cache_dir), self.encoder, weights=ctx.weights,
-                       input_size=self.input_size, patch=self.patch, tissue=self.tissue, device=ctx.device,
+                       input_size=self.input_size, patch=self.patch, tissue=self.tissue or cohort.tissue_params(), device=ctx.device,
                        batch_size=self.batch_size, num_workers=ctx.num_workers, default_mpp=ctx.default_mpp,
                        progress=ctx.progress, strict=ctx.strict, quarantine=quarantine)
 

@@ -9,7 +9,7 @@ from benchmark import cli
 from benchmark.registry import METHODS, Entry
 from benchmark.results import iter_results
 from benchmark.runner import RunOptions, make_plan, run
-from tests.toy import ToyMethod
+from tests.toy import ToyMethod, leaderboard_text
 
 
 def opts(tmp_path, **kw):
@@ -32,6 +32,8 @@ def test_run_writes_results_and_leaderboard(tmp_path, toy_registries):
     row = next(line for line in md.splitlines() if line.startswith("| toy "))
     assert f"{np.mean(aucs):.4f} ± {np.std(aucs, ddof=1):.4f}" in row
     assert "5 folds" in md and "`val` partition" in md
+    # cost: mean of train_s / n_train_slides over folds (2k/4 for k = 1..5) and infer_s / n_infer_slides
+    assert row.rstrip(" |").endswith("cpu 1.5 · 0.125 · " + format(max(x["cost"]["peak_rss_gb"] for x in records if x["job"]["method"] == "toy"), ".3g"))
     csv = pd.read_csv(tmp_path / "lb" / "toy_binary.csv")
     assert sorted(csv.loc[csv["method"] == "toy", "auc"]) == pytest.approx(aucs)
 
@@ -64,8 +66,9 @@ def test_interrupted_run_resumes_to_the_same_leaderboard(tmp_path, toy_registrie
     monkeypatch.setitem(METHODS._entries, "toy", Entry("toy", "", ToyMethod))
     resumed = run(opts(tmp_path / "cut"))
     assert len(resumed.ran) == 7  # only the jobs that had not finished
-    ref_md = reference.leaderboards[0].read_text()
-    assert resumed.leaderboards[0].read_text() == ref_md
+    # identical but for the measured cost (peak memory differs between processes)
+    ref_md = leaderboard_text(reference.leaderboards[0])
+    assert "<cost>" in ref_md and leaderboard_text(resumed.leaderboards[0]) == ref_md
 
 
 def test_survival_task_leaderboard(tmp_path, toy_registries):
@@ -101,6 +104,15 @@ def test_cli_exit_code_names_failed_jobs(tmp_path, toy_registries, monkeypatch, 
     (tmp_path / "lb" / "toy_binary.md").unlink()
     assert cli.main(["--leaderboard", "--out", str(tmp_path / "out"), "--leaderboard-dir", str(tmp_path / "lb")]) == 0
     assert (tmp_path / "lb" / "toy_binary.md").exists()
+
+
+def test_run_saves_its_folds_for_reuse(tmp_path, toy_registries):
+    from datasets.splits import read_split_dir
+
+    run(opts(tmp_path, methods=["toy"], n_folds=3))
+    saved = read_split_dir(tmp_path / "out" / "splits" / "toy" / "binary")
+    state = make_plan(opts(tmp_path, methods=["toy"], n_folds=3))
+    assert [(f.train, f.val) for f in saved] == [(f.train, f.val) for f in state.folds]
 
 
 def test_plan_uses_audited_patient_level_folds(tmp_path, toy_registries):

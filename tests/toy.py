@@ -59,6 +59,18 @@ class ToyMethod(Method):
                     p1 = float(torch.sigmoid(torch.tensor(feature[pid] - 1.0)))
                     row.update(prob_0=1 - p1, prob_1=p1)
                 else:
-                    row["risk"] = -feature[pid]
+                    row["risk"] = feature[pid]
                 rows.append(row)
-        return FoldOutput(pd.DataFrame(rows), weights="none")
+        info = {"timings": {"train_s": 2.0 * (fold.index + 1), "n_train_slides": 4, "infer_s": 1.0, "n_infer_slides": 8}}
+        if task.kind == "survival":
+            info["train_risk_median"] = float(np.median([feature[p] for p in fold.train]))
+        return FoldOutput(pd.DataFrame(rows), weights="none", info=info)
+
+
+def leaderboard_text(path) -> str:
+    """A leaderboard's Markdown with the measured cost cells masked: peak memory and seconds differ
+    between processes and launchers, every other character must not."""
+    import re
+    from pathlib import Path
+
+    return re.sub(r"(cpu|gpu) [0-9.e+-]+ · [0-9.e+-]+ · [0-9.e+-]+", "<cost>", Path(path).read_text())

@@ -75,6 +75,12 @@ class Cohort:
     protocol: str = "patient-level stratified k-fold cross-validation (generated, seeded)"
     split_provider: SplitProvider | None = None
     notes: list[str] = field(default_factory=list)
+    tissue_preset: str = "default"  # key of datasets.tissue.TISSUE_PRESETS used to segment its slides
+
+    def tissue_params(self):
+        from datasets.tissue import TISSUE_PRESETS
+
+        return TISSUE_PRESETS[self.tissue_preset]
 
     def task(self, name: str | None = None) -> Task:
         name = name or self.default_task

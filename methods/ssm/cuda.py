@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from methods.ssm.scan import ScanInfo, effective_delta, final_state, initial_state_readout
+from methods.ssm.scan import ScanInfo, compute_dtype, effective_delta, final_state, initial_state_readout
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -95,19 +95,34 @@ def scan_in_segments(kernel, segment: int, u, delta, A, B, C, D=None, z=None, de
         if h is None and is_last and not return_last_state:
             ys.append(y)
             continue
+        dtype = compute_dtype(u.dtype)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            delta_eff = effective_delta(delta_s, delta_bias, delta_softplus, torch.float32)
-            A32 = A.float()
+            delta_eff = effective_delta(delta_s, delta_bias, delta_softplus, dtype)
             if h is not None:
-                extra = initial_state_readout(delta_eff, A32, C_s.float(), h)
+                extra = initial_state_readout(delta_eff, A.to(dtype), C_s.to(dtype), h)
                 if z_s is not None:
-                    extra = extra * F.silu(z_s.float())
+                    extra = extra * F.silu(z_s.to(dtype))
                 y = y + extra.to(y.dtype)
             if not is_last or return_last_state:
-                h = final_state(delta_eff, delta_eff * u_s.float(), A32, B_s.float(), h)
+                h = final_state(delta_eff, delta_eff * u_s.to(dtype), A.to(dtype), B_s.to(dtype), h)
         ys.append(y)
     y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
     return (y, h) if return_last_state else y
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. The stock kernel's backward checks only
+    dout's last stride and loads rows 16 bytes at a time, so a gradient that is a slice of a longer
+    tensor (torch.cat of segments, a transposed view) has misaligned rows: 'CUDA error: misaligned
+    address' on the device."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _stock_kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -115,9 +130,10 @@ def _stock_kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     if fn is None:
         raise RuntimeError(f"selective_scan: backend 'cuda' needs mamba_ssm ({reason}); {INSTALL_HINT}")
     dtype = u.dtype  # the kernel wants delta, B, C, z in u's dtype and A, D, delta_bias in fp32
-    return fn(u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), None if D is None else D.float(),
-              None if z is None else z.to(dtype), None if delta_bias is None else delta_bias.float(),
-              delta_softplus)
+    y = fn(u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), None if D is None else D.float(),
+           None if z is None else z.to(dtype), None if delta_bias is None else delta_bias.float(),
+           delta_softplus)
+    return _ContiguousGrad.apply(y)
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -130,8 +146,8 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
 
 def supports_cuda(info: ScanInfo) -> bool:
-    return info.device.type == "cuda" and info.dtype in (torch.float32, torch.float16, torch.bfloat16) \
-        and scan_kernel_available()
+    return (info.device.type == "cuda" and info.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and info.state <= 256 and scan_kernel_available())  # the kernel's d_state limit
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
+def _fp32_or_wider(param):
+    # The scan takes A, D and the dt bias in fp32 (as mamba_ssm), or fp64 for a float64 module.
+    return param.to(torch.promote_types(param.dtype, torch.float32))
+
+
 class _TwoBranchMamba(nn.Module):
     """Shared in_proj / out_proj and one or two scan branches ("" and "_b" parameter suffixes)."""
 
@@ -49,8 +54,8 @@ class _TwoBranchMamba(nn.Module):
 
     def _add_branch(self, suffix, dt_min, dt_max, dt_init_floor):
         inner, state = self.d_inner, self.d_state
-        self.add_module("conv1d" + suffix, nn.Conv1d(inner, inner, self.d_conv, groups=inner, bias=True,
-                                                          padding=self.d_conv - 1))  # as Mamba's
+        conv = nn.Conv1d(inner, inner, self.d_conv, groups=inner, padding=self.d_conv - 1)  # as Mamba's
+        self.add_module("conv1d" + suffix, conv)
         self.add_module("x_proj" + suffix, nn.Linear(inner, self.dt_rank + 2 * state, bias=False))
         dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
         _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
@@ -69,9 +74,11 @@ class _TwoBranchMamba(nn.Module):
         x = causal_conv1d_silu(x, conv.weight, conv.bias)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
-        return selective_scan(x, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                              getattr(self, "D" + suffix).float(), z=z, delta_bias=dt_proj.bias.float(),
-                              delta_softplus=True, backend=self.backend)
+        A = -torch.exp(_fp32_or_wider(A_log))
+        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2),
+                              _fp32_or_wider(getattr(self, "D" + suffix)), z=z,
+                              delta_bias=_fp32_or_wider(dt_proj.bias), delta_softplus=True,
+                              backend=self.backend)
 
     def _check_input(self, hidden):
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -54,6 +54,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> ScanInfo:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, E, L), got shape {tuple(u.shape)}")
     batch, channels, length = u.shape
+    if length == 0:
+        raise ValueError("selective_scan: the sequence is empty (L = 0); give at least one token")
     if A.dim() != 2 or A.shape[0] != channels or A.is_complex():
         raise ValueError(f"selective_scan: A must be real (E, N) with E={channels}, got "
                          f"{tuple(A.shape)} {A.dtype}")
@@ -72,7 +74,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> ScanInfo:
     return ScanInfo(batch, channels, state, length, u.device, u.dtype, needs_grad, False)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Like the kernel: states in fp32 for fp16/bf16/fp32 inputs; fp64 kept (the test oracle).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -94,15 +96,16 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """Sequential loop over time: the test oracle. Computes in float64 when u is float64 (else fp32),
     returns y in u's dtype. Memory and time O(L) Python steps: for short sequences only."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype = _compute_dtype(u.dtype)
+    dtype = compute_dtype(u.dtype)
     u_, A_, B_, C_ = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     delta_ = effective_delta(delta, delta_bias, delta_softplus, dtype)
     h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
-        h = torch.exp(delta_[:, :, t, None] * A_) * h + (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        impulse = (delta_[:, :, t] * u_[:, :, t])[..., None] * B_[:, None, :, t]
+        h = torch.exp(delta_[:, :, t, None] * A_) * h + impulse
         ys.append((h * C_[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(u.shape)
+    y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u_
     if z is not None:
@@ -121,70 +124,154 @@ def _chunk_length(batch: int, channels: int, state: int) -> int:
     return int(min(MAX_CHUNK, max(MIN_CHUNK, 2 ** int(math.log2(max(t, 1))))))
 
 
-def _prefix_scan(a, b):
-    """States h_t = a_t h_{t-1} + b_t along dim 2 with h_{-1} = 0; a, b: (batch, E, T, N).
+def _decay(exponent):
+    """exp(exponent), with factors below sqrt(smallest normal) (e^-43 in fp32) set to exactly 0.
 
-    Work-efficient parallel scan by pairwise reduction: combine neighbours (2i, 2i+1) into one step,
-    scan the half-length sequence recursively (its results are the states at odd t), then fill in
-    the even t. 2 log2(T) levels of whole-tensor ops and O(T) work, instead of T Python steps; stable
-    for |a| <= 1 since it only multiplies a's together."""
+    Products of two such factors would otherwise reach the subnormal range, where CPU arithmetic is
+    about 100x slower; the terms dropped are smaller than e^-43 = 1e-19 of what they decay from."""
+    return torch.exp(F.threshold(exponent, _log_floor(exponent.dtype), -math.inf))
+
+
+def _log_floor(dtype):
+    return math.log(torch.finfo(dtype).tiny) / 2
+
+
+def _linear_scan(a, b, reverse=False):
+    """Solutions of h_t = a_t h_{t-1} + b_t along dim 2 with h_{-1} = 0 (reverse: h_t = a_t h_{t+1} + b_t
+    with h_T = 0); a, b: (batch, E, T, N).
+
+    Work-efficient parallel scan by pairwise reduction: fold neighbours (2i, 2i+1) into one step, solve
+    the half-length recurrence recursively (giving h at the second of each pair in scan direction), then
+    fill in the first of each pair. 2 log2(T) levels of whole-tensor ops and O(T) work instead of T
+    Python steps; stable for |a| <= 1 since it only multiplies a's together."""
     length = a.shape[2]
     if length == 1:
         return b
     if length % 2:  # an identity step (a = 1, b = 0) at the end makes the length even
-        return _prefix_scan(F.pad(a, (0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 1)))[:, :, :length]
+        padded = _linear_scan(F.pad(a, (0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 1)), reverse)
+        return padded[:, :, :length]
     a_even, a_odd = a.unflatten(2, (length // 2, 2)).unbind(3)
     b_even, b_odd = b.unflatten(2, (length // 2, 2)).unbind(3)
-    h_odd = _prefix_scan(a_odd * a_even, a_odd * b_even + b_odd)
-    h_even = a_even * F.pad(h_odd[:, :, :-1], (0, 0, 1, 0)) + b_even
-    return torch.stack((h_even, h_odd), dim=3).flatten(2, 3)
+    pair = F.threshold(a_odd * a_even, math.exp(_log_floor(a.dtype)), 0.0)  # see _decay
+    h = torch.empty_like(b)  # results are written straight into its even / odd views
+    h_even, h_odd = h.unflatten(2, (length // 2, 2)).unbind(3)
+    if not reverse:  # pairs (2i, 2i+1) -> h at odd t, then h_2i = a_2i h_2i-1 + b_2i
+        h_odd.copy_(_linear_scan(pair, torch.addcmul(b_odd, a_odd, b_even)))
+        h_even[:, :, :1] = b_even[:, :, :1]
+        torch.addcmul(b_even[:, :, 1:], a_even[:, :, 1:], h_odd[:, :, :-1], out=h_even[:, :, 1:])
+    else:  # h at even t, then h_2i+1 = a_2i+1 h_2i+2 + b_2i+1
+        h_even.copy_(_linear_scan(pair, torch.addcmul(b_even, a_even, b_odd), reverse=True))
+        h_odd[:, :, -1:] = b_odd[:, :, -1:]
+        torch.addcmul(b_odd[:, :, :-1], a_odd[:, :, :-1], h_even[:, :, 1:], out=h_odd[:, :, :-1])
+    return h
 
 
-def _scan_chunk(delta, du, A, B, C, h0):
-    """One chunk: states from h0, outputs C_t . h_t (None without C) and the last state.
-
-    delta, du = delta * u: (batch, E, T); B, C: (batch, N, T); h0: (batch, E, N)."""
-    decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
-    impulse = du.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    # h0 enters as part of the first step's input: h_0 = a_0 h0 + b_0
-    impulse = torch.cat((impulse[:, :, :1] + decay[:, :, :1] * h0.unsqueeze(2), impulse[:, :, 1:]), dim=2)
-    h = _prefix_scan(decay, impulse)
-    y = None if C is None else torch.einsum("betn,bnt->bet", h, C)
-    return y, h[:, :, -1]
+def _per_token(x):
+    """(batch, N, T) -> (batch, 1, T, N), contiguous: broadcasting a transposed view against
+    (batch, E, T, N) tensors, or contracting with einsum, is several times slower on CPU."""
+    return x.transpose(1, 2).unsqueeze(1).contiguous()
 
 
-def _run_chunks(fn, needs_grad: bool, *args):
-    # Checkpointing makes backward recompute one chunk at a time: only each chunk's inputs (slices of
-    # O(L x E) tensors) and its boundary state are kept, never the chunk's (batch, E, T, N) tensors.
-    if needs_grad:
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-    return fn(*args)
+def _contract_state(x, per_token):
+    # sum_n x[b, e, t, n] * per_token[b, 0, t, n] -> (batch, E, T), as a product and a mat-vec.
+    return (x * per_token) @ x.new_ones(x.shape[-1])
+
+
+def _chunk_states(delta, du, A, B_t, h0):
+    """States h_t of one chunk from h0, and the decays a_t = exp(delta_t A): both (batch, E, T, N).
+
+    delta, du = delta * u: (batch, E, T); B_t: (batch, 1, T, N); h0: (batch, E, N). No autograd: runs
+    inside _ChunkedScan, which is why the in-place updates of fresh tensors here and below are safe."""
+    decay = _decay(delta.unsqueeze(-1) * A.unsqueeze(1))
+    impulse = du.unsqueeze(-1) * B_t
+    impulse[:, :, 0] += decay[:, :, 0] * h0  # h0 enters through the first step: h_0 = a_0 h0 + b_0
+    return _linear_scan(decay, impulse), decay
+
+
+def _chunk_forward(delta, du, A, B, C, h0):
+    h, _ = _chunk_states(delta, du, A, _per_token(B), h0)
+    return _contract_state(h, _per_token(C)), h[:, :, -1]
+
+
+def _chunk_backward(delta, du, A, B, C, h0, dy, dh_last):
+    """Gradients of one chunk given those of its outputs y and last state (the adjoint recurrence).
+
+    g_t = dLoss/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1}: the same linear scan run backwards in time."""
+    B_t, C_t = _per_token(B), _per_token(C)
+    h, decay = _chunk_states(delta, du, A, B_t, h0)
+    direct = dy.unsqueeze(-1) * C_t
+    direct[:, :, -1] += dh_last
+    next_decay = F.pad(decay[:, :, 1:], (0, 0, 0, 1), value=1.0)  # a_{t+1}; the last one meets g_T = 0
+    g = _linear_scan(next_decay, direct, reverse=True)
+    g_exponent = g * decay  # times h_{t-1}: dLoss/d(delta_t A) per element
+    g_exponent[:, :, 1:] *= h[:, :, :-1]
+    g_exponent[:, :, 0] *= h0
+    return (torch.einsum("betn,en->bet", g_exponent, A),  # delta
+            _contract_state(g, B_t),  # du
+            (delta.unsqueeze(2) @ g_exponent).sum(0).squeeze(1),  # A
+            (g * du.unsqueeze(-1)).sum(1).transpose(1, 2),  # B
+            (h * dy.unsqueeze(-1)).sum(1).transpose(1, 2),  # C
+            decay[:, :, 0] * g[:, :, 0])  # h0
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Forward chunk by chunk, keeping only the inputs and each chunk's starting state; backward
+    recomputes one chunk at a time, from the last chunk to the first, with the adjoint scan.
+
+    Hand-written rather than torch.utils.checkpoint around autograd: faster on CPU, and nothing of
+    size L x E x N is ever held."""
+
+    @staticmethod
+    def forward(ctx, delta, du, A, B, C, h0, chunk):
+        ys, starts, h = [], [], h0
+        for begin in range(0, delta.shape[-1], chunk):
+            part = slice(begin, begin + chunk)
+            starts.append(h)
+            y, h = _chunk_forward(delta[..., part], du[..., part], A, B[..., part], C[..., part], h)
+            ys.append(y)
+        ctx.chunk = chunk
+        ctx.save_for_backward(delta, du, A, B, C, torch.stack(starts, dim=2))
+        return torch.cat(ys, dim=-1), h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        delta, du, A, B, C, starts = ctx.saved_tensors
+        chunk, length = ctx.chunk, delta.shape[-1]
+        grads = {name: [] for name in ("delta", "du", "B", "C")}
+        dA = torch.zeros_like(A)
+        for index in reversed(range(starts.shape[2])):
+            part = slice(index * chunk, min(length, (index + 1) * chunk))
+            d_delta, d_du, d_A, d_B, d_C, dh = _chunk_backward(
+                delta[..., part], du[..., part], A, B[..., part], C[..., part], starts[:, :, index],
+                dy[..., part], dh)
+            for name, grad in zip(grads, (d_delta, d_du, d_B, d_C)):
+                grads[name].append(grad)
+            dA += d_A
+        full = {name: torch.cat(parts[::-1], dim=-1) for name, parts in grads.items()}
+        return full["delta"], full["du"], dA, full["B"], full["C"], dh, None
 
 
 def chunked_scan(delta, du, A, B, C, h0=None, chunk=None):
     """States of h_t = exp(delta_t A) h_{t-1} + du_t B_t from h0 (zeros if None), chunk by chunk.
 
-    Returns (y_ssm, h_last): y_ssm_t = C_t . h_t, (batch, E, L) (None if C is None), and the last state
-    (batch, E, N). delta is the effective (post-softplus) step, du = delta * u; all in one dtype."""
+    Returns (y_ssm, h_last): y_ssm_t = C_t . h_t, (batch, E, L), and the last state (batch, E, N).
+    delta is the effective (post-softplus) step, du = delta * u; all in one dtype; L >= 1."""
     batch, channels, length = delta.shape
-    state = A.shape[1]
-    chunk = chunk or _chunk_length(batch, channels, state)
-    h = h0 if h0 is not None else delta.new_zeros(batch, channels, state)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (delta, du, A, B, C, h))
-    ys = []
-    for start in range(0, length, chunk):
-        part = slice(start, start + chunk)
-        y, h = _run_chunks(_scan_chunk, needs_grad, delta[..., part], du[..., part], A, B[..., part],
-                           None if C is None else C[..., part], h)
-        ys.append(y)
-    if C is None:
-        return None, h
-    return (torch.cat(ys, dim=-1) if ys else delta.new_zeros(batch, channels, 0)), h
+    chunk = chunk or _chunk_length(batch, channels, A.shape[1])
+    h0 = h0 if h0 is not None else delta.new_zeros(batch, channels, A.shape[1])
+    return _ChunkedScan.apply(delta, du, A, B, C, h0, chunk)
+
+
+def _run_chunks(fn, needs_grad: bool, *args):
+    # Checkpointing makes backward recompute one chunk at a time: only each chunk's inputs and its
+    # boundary state are kept, never the chunk's (batch, E, T, N) tensors.
+    if needs_grad:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
 
 
 def _readout_chunk(delta, A, C, h0):
-    decay = torch.exp(torch.cumsum(delta, dim=-1).unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
+    decay = _decay(torch.cumsum(delta, dim=-1).unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
     y = torch.einsum("betn,ben,bnt->bet", decay, h0, C)
     return y, decay[:, :, -1] * h0
 
@@ -192,8 +279,8 @@ def _readout_chunk(delta, A, C, h0):
 def initial_state_readout(delta, A, C, h0, chunk=None):
     """What an initial state h0 adds to the outputs: C_t . (exp(A sum_{s<=t} delta_s) * h0), (batch, E, L).
 
-    Stops as soon as the decayed state is exactly zero in floating point (every later term is then
-    exactly zero too), so it usually costs a short prefix of the sequence."""
+    Stops as soon as the decayed state is zero (every factor below e^-43, see `_decay`): every later
+    term is then zero too, so this usually costs a short prefix of the sequence. Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, A, C, h0))
@@ -211,15 +298,15 @@ def initial_state_readout(delta, A, C, h0, chunk=None):
 def _final_chunk(delta, du, A, B, to_end):
     # Contribution of this chunk's tokens to the final state, and the decay from the chunk start to the end.
     after = torch.flip(torch.cumsum(torch.flip(delta, [-1]), dim=-1), [-1]) - delta  # sum over s > t in chunk
-    weight = to_end.unsqueeze(2) * torch.exp(after.unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
+    weight = to_end.unsqueeze(2) * _decay(after.unsqueeze(-1) * A.unsqueeze(1))  # (batch, E, T, N)
     contribution = torch.einsum("betn,bet,bnt->ben", weight, du, B)
-    return contribution, to_end * torch.exp(delta.sum(-1, keepdim=True) * A)
+    return contribution, to_end * _decay(delta.sum(-1, keepdim=True) * A)
 
 
 def final_state(delta, du, A, B, h0=None, chunk=None):
     """Last state of the recurrence, sum_t exp(A sum_{s>t} delta_s) du_t B_t (+ the decayed h0).
 
-    Walks back from the end and stops once the decay to the end is exactly zero in floating point."""
+    Walks back from the end and stops once the decay to the end is zero (see `_decay`). Differentiable."""
     batch, channels, length = delta.shape
     chunk = chunk or _chunk_length(batch, channels, A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(
@@ -240,8 +327,8 @@ def final_state(delta, du, A, B, h0=None, chunk=None):
 
 def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, chunk=None):
-    """The "reference" backend: chunked parallel scan, checkpointed per chunk under autograd."""
-    dtype = _compute_dtype(u.dtype)
+    """The "reference" backend: chunked parallel scan; backward recomputes one chunk at a time."""
+    dtype = compute_dtype(u.dtype)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_ = u.to(dtype)
         delta_ = effective_delta(delta, delta_bias, delta_softplus, dtype)
@@ -309,8 +396,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     backend: "auto" | "reference" | "cuda" | any name given to `register_backend`. Unlike the stock
     kernel, the reference backend propagates gradients through last_state."""
-    info = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    info = ScanInfo(**{**info.__dict__, "return_last_state": return_last_state})
+    info = replace(_check_inputs(u, delta, A, B, C, D, z, delta_bias), return_last_state=return_last_state)
     chosen = _pick_backend(backend, info)
     return chosen.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 

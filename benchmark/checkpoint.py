@@ -1,0 +1,123 @@
+"""Per-epoch training state of a long job, so that a job killed mid-training (Ctrl-C, SIGKILL, a node
+lost, a SLURM time limit) resumes from its last finished epoch instead of from scratch.
+
+A trainer calls, with `ctx.job_dir` (kept across restarts, cleared when the job's config changes):
+
+    start, extra = checkpoint.resume(ctx.job_dir, model=model, optimizer=opt, scheduler=sched, rng=rng)
+    for epoch in range(start, epochs):
+        ...one epoch...
+        checkpoint.save(ctx.job_dir, epoch + 1, model=model, optimizer=opt, scheduler=sched, rng=rng,
+                        extra={"history": history})
+
+Both are no-ops when `job_dir` is None (a method used outside the runner). The state carries the
+torch / numpy / python random states, so a resumed run draws the same numbers as an uninterrupted one.
+Under torch.distributed, rank 0 writes the model state and every rank its own random state.
+The runner deletes the state once the job's result is written.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmark.results import atomic_write_text
+
+STATE_DIR = "train_state"
+CONFIG_MARK = "config_hash"
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file next to `path`, fsync, rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _random_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(job_dir: Path | None, epoch: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+         rng: np.random.Generator | None = None, extra: dict | None = None) -> None:
+    """Record that `epoch` epochs are finished (the next run starts at epoch `epoch`)."""
+    if job_dir is None:
+        return
+    folder = Path(job_dir) / STATE_DIR
+    rank = _rank()
+    if rank == 0:
+        state = {"epoch": epoch, "model": _unwrap(model).state_dict(), "extra": extra or {},
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "generator": rng.bit_generator.state if rng is not None else None}
+        _atomic_save(state, folder / "state.pt")
+    _atomic_save({"epoch": epoch, "random": _random_states()}, folder / f"random_rank{rank}.pt")
+
+
+def resume(job_dir: Path | None, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+           rng: np.random.Generator | None = None) -> tuple[int, dict]:
+    """Load the last saved state into the given objects. Returns (epochs already done, extra);
+    (0, {}) when there is nothing to resume."""
+    path = Path(job_dir) / STATE_DIR / "state.pt" if job_dir is not None else None
+    if path is None or not path.exists():
+        return 0, {}
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _unwrap(model).load_state_dict(state["model"])
+    for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if target is not None and state[key] is not None:
+            target.load_state_dict(state[key])
+    if rng is not None and state["generator"] is not None:
+        rng.bit_generator.state = state["generator"]
+    random_path = path.parent / f"random_rank{_rank()}.pt"
+    if random_path.exists():
+        saved = torch.load(random_path, map_location="cpu", weights_only=False)
+        if saved["epoch"] == state["epoch"]:  # killed between the two writes: keep the fresh state
+            _set_random_states(saved["random"])
+    return int(state["epoch"]), state["extra"]
+
+
+def claim_job_dir(job_dir: Path, config_hash: str) -> None:
+    """Drop training state left in this job's folder by a run with another config (same method, fold
+    and seed, different settings): resuming it would mix two configs."""
+    job_dir = Path(job_dir)
+    mark = job_dir / CONFIG_MARK
+    if mark.exists() and mark.read_text().strip() != config_hash:
+        clear(job_dir)
+    atomic_write_text(mark, config_hash + "\n")
+
+
+def clear(job_dir: Path) -> None:
+    shutil.rmtree(Path(job_dir) / STATE_DIR, ignore_errors=True)

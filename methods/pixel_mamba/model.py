@@ -1,0 +1,117 @@
+"""Pixel-Mamba: pixel tokens of a slide at 2.5x through 24 bidirectional Mamba layers (shared
+PIXEL_MAMBA.md). Each layer: `x + Mixer(RMSNorm(x))` over the zigzag-serialised sequence, then region
+fusion, then the layer's token expansion. Head: norm -> size-aware attention pooling -> linear.
+
+    model = pixel_mamba_6m(n_classes=2)
+    logits = model(pixels)   # pixels: (n_regions, 32, 32, 3) RGB values 0..255, regions in scan order
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from methods.pixel_mamba.layers import TABLES, LayerSpec, output_shape
+from methods.pixel_mamba.token_ops import deserialize, fusion_count, region_fusion, serialize, token_expansion
+from methods.ssm.mixer import BiMambaMixer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the paper pretrains on ImageNet-1K: its input statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORM_EPS = 1e-5  # Vision Mamba's RMSNorm epsilon
+
+
+class Block(nn.Module):
+    """Pre-norm residual Mamba block on the flat sequence (1, L, C)."""
+
+    def __init__(self, channels: int, d_state: int, d_conv: int, expand: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(channels, eps=NORM_EPS)
+        self.mixer = BiMambaMixer(channels, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq + self.mixer(self.norm(seq))
+
+
+class AttentionPoolHead(nn.Module):
+    """norm -> attention pooling whose logits get + log(size) (proportional attention: a region that
+    stands for s input regions weighs as s of them) -> linear."""
+
+    def __init__(self, channels: int, n_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(channels, eps=NORM_EPS)
+        self.attention = nn.Sequential(nn.Linear(channels, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels, n_classes)
+
+    def forward(self, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)
+        logits = self.attention(x).squeeze(-1).float() + torch.log(sizes.float())
+        weights = torch.softmax(logits, dim=0).to(x.dtype)
+        return self.classifier(self.dropout(weights @ x)).unsqueeze(0)
+
+
+class PixelMamba(nn.Module):
+    def __init__(
+        self,
+        table: tuple[LayerSpec, ...],
+        n_classes: int,
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        alpha: float = 0.8,
+        pool_hidden: int = 128,
+        dropout: float = 0.0,
+        checkpoint_layers: bool = False,
+    ):
+        super().__init__()
+        self.table = table
+        self.alpha = alpha
+        self.checkpoint_layers = checkpoint_layers
+        self.region_size = output_shape(table[-1])[0][0]
+        self.layers = nn.ModuleList(Block(spec.channels, d_state, d_conv, expand) for spec in table)
+        self.head = AttentionPoolHead(output_shape(table[-1])[1], n_classes, pool_hidden, dropout)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD) * 255, persistent=False)
+
+    def body_parameters(self) -> int:
+        return sum(p.numel() for p in self.layers.parameters())
+
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final region tokens (n', C_last) and their sizes (n',) (sum = n) for pixels (n, R, R, 3)."""
+        n, height, width, _ = pixels.shape
+        if n == 0:
+            raise ValueError("a slide without tissue regions cannot be scored: check its tissue mask")
+        if (height, width) != (self.region_size, self.region_size):
+            raise ValueError(f"Pixel-Mamba regions are {self.region_size}x{self.region_size} pixels, got {height}x{width}")
+        x = (pixels.float() - self.pixel_mean) / self.pixel_std
+        sizes = torch.ones(n, device=x.device)
+        k = fusion_count(n, self.alpha, len(self.layers))
+        for spec, block in zip(self.table, self.layers):
+            seq = serialize(x)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, use_reentrant=False)
+            else:
+                seq = block(seq)
+            x, sizes = region_fusion(deserialize(seq, x.shape), sizes, k)
+            if spec.te is not None:
+                x = token_expansion(x, spec.te)
+        return x.reshape(x.shape[0], -1), sizes
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits (1, n_classes) of one bag of regions (n, R, R, 3), RGB 0..255, in scan order."""
+        return self.head(*self.features(pixels))
+
+
+def pixel_mamba(size: str, n_classes: int, **kwargs) -> PixelMamba:
+    if size not in TABLES:
+        raise ValueError(f"unknown Pixel-Mamba size '{size}'; choose one of {', '.join(TABLES)}")
+    return PixelMamba(TABLES[size], n_classes, **kwargs)
+
+
+def pixel_mamba_6m(n_classes: int, **kwargs) -> PixelMamba:
+    return pixel_mamba("6m", n_classes, **kwargs)
+
+
+def pixel_mamba_21m(n_classes: int, **kwargs) -> PixelMamba:
+    return pixel_mamba("21m", n_classes, **kwargs)

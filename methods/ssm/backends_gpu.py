@@ -1,0 +1,65 @@
+"""Registers the sequence-parallel Triton scan (methods/ssm/triton_scan.py) as the "triton" backend of
+`methods.ssm.scan.selective_scan`, and says by shape where it beats mamba-ssm's stock kernel.
+
+    from methods.ssm import backends_gpu
+    backends_gpu.register()          # idempotent; a no-op without CUDA or Triton
+    with backends_gpu.triton_disabled():   # "auto" falls back to the stock kernel (benchmarks)
+        ...
+"""
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+
+import torch
+
+from methods.ssm.scan import ScanInfo, register_backend
+
+# Above mamba-ssm's "cuda" backend (10): "auto" asks this one first, and its `supports` sends the
+# shapes where the stock kernel is as fast back to it.
+TRITON_PRIORITY = 20
+TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
+MAX_STATE = 64
+# The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
+# time is ~ L x ceil(batch * E / 132 multiprocessors); the split scan's time is ~ batch * E * L. On an
+# H100 (docs/performance.md) ours was faster at every Pixel-Mamba layer of a 16 M-pixel image, from
+# 32x at 6 channels x 16.8 M tokens to 1.1-1.3x at 384-1536 channels x 4-10 k tokens (fwd+bwd, bf16).
+# Past ~2048 rows the stock kernel fills the GPU by itself; below 4096 tokens the split scan has too
+# few segments to fill it and both take well under a millisecond.
+STOCK_WINS_FROM_ROWS = 2048
+MIN_LENGTH = 4096
+
+
+def triton_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def triton_supports(info: ScanInfo) -> bool:
+    """True where the Triton scan can run the call and is expected to beat the stock kernel."""
+    return (info.device.type == "cuda" and info.dtype in TRITON_DTYPES and info.state <= MAX_STATE
+            and info.batch * info.channels < STOCK_WINS_FROM_ROWS and info.length >= MIN_LENGTH)
+
+
+def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+    from methods.ssm.triton_scan import selective_scan_triton  # imports triton: only when used
+
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def register() -> bool:
+    """Register the "triton" backend where it can run; returns whether it did."""
+    if not triton_available():
+        return False
+    register_backend("triton", triton_scan, triton_supports, TRITON_PRIORITY)
+    return True
+
+
+@contextmanager
+def triton_disabled():
+    """Inside this block "auto" never picks the Triton scan (to time the stock path side by side)."""
+    register_backend("triton", triton_scan, lambda info: False, TRITON_PRIORITY)
+    try:
+        yield
+    finally:
+        register()

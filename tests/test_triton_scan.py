@@ -1,0 +1,136 @@
+"""The sequence-parallel Triton scan against the float64 CPU oracle (methods.ssm.scan.selective_scan_ref):
+outputs, last state and every gradient, on fresh random data, fp32 and bf16 inputs, at lengths that are
+no multiple of any block or segment size and with several segments and channel blocks."""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from methods.ssm.scan import selective_scan_ref  # noqa: E402
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _channel_last(x):
+    """The same values as a (batch, rows, L) view of (batch, L, rows) memory, like the mixer's views."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen,
+            strided=False):
+    def draw(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+    delta = draw(batch, channels, length, scale=0.5, shift=-1.0) if softplus else \
+        draw(batch, channels, length).abs() * 0.3
+    values = {"u": draw(batch, channels, length), "delta": delta,
+              "A": -torch.exp(draw(channels, state, scale=0.5)),
+              "B": draw(batch, state, length), "C": draw(batch, state, length),
+              "D": draw(channels) if with_d else None, "z": draw(batch, channels, length) if with_z else None,
+              "delta_bias": draw(channels, scale=0.3) if with_bias else None}
+    on_device = {}
+    for name, x in values.items():
+        if x is None:
+            on_device[name] = None
+            continue
+        sequence = name in ("u", "delta", "B", "C", "z")
+        x = x.to(dtype if sequence else torch.float32).cuda()
+        if strided and sequence:
+            x = _channel_last(x)
+        on_device[name] = x.requires_grad_(True)
+    return on_device
+
+
+def _poison_allocator():
+    """Fill the blocks PyTorch's caching allocator will hand out next with NaN, so that an output
+    element the kernel never writes shows up as NaN (small pool: blocks under 1 MB; large pool)."""
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in [2**15] * 96 + [2**21] * 12]
+    del blocks
+
+
+def _rel(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=True, with_bias=True,
+           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False):
+    from methods.ssm import triton_scan
+
+    if target_programs is not None:  # force many segments on a short sequence
+        monkeypatch.setattr(triton_scan, "TARGET_PROGRAMS", target_programs)
+    gen = torch.Generator().manual_seed(seed)
+    ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen, strided)
+    oracle_ins = {k: None if v is None else v.detach().double().cpu().requires_grad_(True)
+                  for k, v in ins.items()}
+    dout = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)
+
+    _poison_allocator()
+    out, last = triton_scan.selective_scan_triton(*ins.values(), delta_softplus=softplus,
+                                                  return_last_state=True)
+    ref, ref_last = selective_scan_ref(*oracle_ins.values(), delta_softplus=softplus,
+                                       return_last_state=True)
+    assert out.dtype == dtype and out.shape == (batch, channels, length)
+    errors = {"out": _rel(out, ref), "last_state": _rel(last, ref_last)}
+    _poison_allocator()
+    dout_device = dout.to(dtype).cuda()
+    out.backward(_channel_last(dout_device) if strided else dout_device)
+    ref.backward(dout.to(dtype).double())
+    for name in NAMES:
+        if ins[name] is not None:
+            assert ins[name].grad is not None and ins[name].grad.dtype == ins[name].dtype, name
+            errors["d" + name] = _rel(ins[name].grad, oracle_ins[name].grad)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("batch,channels,length,state,target_programs", [
+    (1, 6, 4099, 16, None),     # Pixel-Mamba layer-1 width, one block of 8 channels
+    (2, 6, 1000, 16, 64),       # many short segments (uneven last one)
+    (1, 20, 777, 16, 12),       # three channel blocks: dB / dC accumulate across blocks
+    (1, 3, 33, 5, 2),           # odd state count, length one past a chunk
+])
+def test_fp32_matches_oracle(batch, channels, length, state, target_programs, monkeypatch):
+    _check(batch, channels, length, state, torch.float32, 1e-4, target_programs=target_programs,
+           seed=length, monkeypatch=monkeypatch)
+
+
+def test_fp32_without_optional_inputs(monkeypatch):
+    _check(2, 12, 517, 16, torch.float32, 1e-4, with_d=False, with_z=False, with_bias=False,
+           softplus=False, target_programs=16, seed=1, monkeypatch=monkeypatch)
+
+
+def test_fp32_strided_views_match_oracle(monkeypatch):
+    """Inputs and output gradient as transposed views (the mixer's layout) are read in place."""
+    _check(2, 6, 1234, 16, torch.float32, 1e-4, target_programs=24, seed=7, monkeypatch=monkeypatch,
+           strided=True)
+
+
+@pytest.mark.parametrize("channels,length", [(6, 3001), (48, 1500)])
+def test_bf16_inputs_match_oracle(channels, length, monkeypatch):
+    _check(1, channels, length, 16, torch.bfloat16, 1e-2, target_programs=32, seed=channels,
+           monkeypatch=monkeypatch)
+
+
+def test_fresh_draws_give_fresh_results():
+    """Two different draws give different outputs (the kernel reads its inputs, not stale memory)."""
+    from methods.ssm.triton_scan import selective_scan_triton
+
+    gen = torch.Generator().manual_seed(5)
+    outs = []
+    for _ in range(2):
+        ins = _inputs(1, 6, 300, 16, torch.float32, True, True, True, True, gen)
+        outs.append(selective_scan_triton(*ins.values(), delta_softplus=True).detach())
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_rejects_grouped_B():
+    from methods.ssm.triton_scan import selective_scan_triton
+
+    u = torch.randn(1, 4, 64, device="cuda")
+    A = -torch.ones(4, 16, device="cuda")
+    B = torch.randn(1, 1, 16, 64, device="cuda")
+    with pytest.raises(ValueError, match="input-dependent"):
+        selective_scan_triton(u, u, A, B, B)
