@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader / slide-stage worker processes")
     parser.add_argument("--default-mpp", type=float, default=None)
-    parser.add_argument("--tissue-preset", default="default", choices=sorted(TISSUE_PRESETS), help="CLAM segmentation preset")
+    parser.add_argument("--tissue-preset", default="default", choices=sorted(TISSUE_PRESETS), help="tissue segmentation preset")
     parser.add_argument("--shard", default=None, help="i/n: only every n-th slide from the i-th (one process per GPU)")
     parser.add_argument("--bench", action="store_true", help="time extraction into a temporary folder; print JSON")
     args = parser.parse_args(argv)
