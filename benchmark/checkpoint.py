@@ -16,17 +16,15 @@ The runner deletes the state once the job's result is written.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmark.results import atomic_write_text
+from benchmark.results import atomic_write, atomic_write_text
 
 STATE_DIR = "train_state"
 CONFIG_MARK = "config_hash"
@@ -42,18 +40,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file next to `path`, fsync, rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file and a rename: a kill never leaves half a file."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), mode="wb")
 
 
 def _random_states() -> dict:
