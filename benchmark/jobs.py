@@ -41,13 +41,14 @@ def config_hash(config: dict) -> str:
 
 
 def job_config(job: Job, method_config: dict, cohort: Cohort, fold: Fold, n_folds: int,
-               max_epochs: int | None, weights: str | None) -> dict:
+               max_epochs: int | None, weights: str | None, task_kind: str = "classification") -> dict:
     """Everything that decides a job's result: a change to any of it reruns the job."""
     return {
         "method": job.method,
         "method_config": method_config,
         "dataset": job.dataset,
         "task": job.task,
+        "task_kind": task_kind,
         "fold": job.fold,
         "seed": job.seed,
         "n_folds": n_folds,
@@ -67,7 +68,7 @@ def plan(methods: dict, cohort: Cohort, task: Task, folds: list[Fold], seeds: li
         for fold in folds:
             for seed in seeds:
                 job = Job(name, cohort.name, task.name, fold.index, seed)
-                config = job_config(job, method_config, cohort, fold, len(folds), max_epochs, weights)
+                config = job_config(job, method_config, cohort, fold, len(folds), max_epochs, weights, task.kind)
                 digest = config_hash(config)
                 path = result_path(out_dir, job.dataset, job.task, job.method, job.fold, job.seed)
                 planned.append(PlannedJob(job, config, digest, path, _is_done(path, digest)))

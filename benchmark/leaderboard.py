@@ -51,6 +51,7 @@ def fold_table(records: list[dict]) -> pd.DataFrame:
                "finished_at": r.get("finished_at", "")}
         preds = [p for p in r.get("predictions", []) if p.get("partition") == row["partition"]]
         row["n_patients"] = len(preds)
+        row["task_kind"] = r.get("config", {}).get("task_kind")
         cost = r.get("cost", {})
         row["cost_device"] = cost.get("device", "")
         row["train_s_per_slide"] = cost.get("train_s_per_slide", np.nan)
@@ -134,6 +135,9 @@ class Board:
 
 
 def table_kind(folds: pd.DataFrame) -> str:
+    kinds = set(folds.get("task_kind", pd.Series(dtype=object)).dropna())
+    if len(kinds) == 1:  # recorded in every job's config, failed jobs included
+        return kinds.pop()
     return "survival" if "c_index" in folds.columns and folds["c_index"].notna().any() else "classification"
 
 

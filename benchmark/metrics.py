@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sksurv.exceptions import NoComparablePairException
 from sksurv.metrics import concordance_index_censored
 
 CLASSIFICATION_METRICS = ("auc", "accuracy", "balanced_accuracy", "macro_f1")
@@ -37,10 +38,15 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
 
 
 def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C-index through scikit-survival (ties in risk count one half)."""
-    return float(
-        concordance_index_censored(np.asarray(event).astype(bool), np.asarray(time, float), np.asarray(risk, float))[0]
-    )
+    """Harrell's C-index through scikit-survival (ties in risk count one half); NaN when no pair is
+    comparable (a small partition with no event before another patient's time, or no event at all)."""
+    if not np.asarray(event).astype(bool).any():
+        return float("nan")
+    try:
+        return float(concordance_index_censored(np.asarray(event).astype(bool), np.asarray(time, float),
+                                                np.asarray(risk, float))[0])
+    except NoComparablePairException:
+        return float("nan")
 
 
 def compute_metrics(kind: str, predictions: pd.DataFrame) -> dict[str, float]:

@@ -63,3 +63,9 @@ def test_single_class_partition_gives_nan_auc():
     preds = pd.DataFrame({"label": [1, 1], "prob_0": [0.2, 0.6], "prob_1": [0.8, 0.4]})
     m = compute_metrics("classification", preds)
     assert np.isnan(m["auc"]) and m["accuracy"] == 0.5
+
+
+def test_c_index_without_comparable_pairs_is_nan():
+    # no event at all, and an event only after the other patient's censoring: no pair can be ordered
+    assert np.isnan(c_index(np.array([5.0, 9.0]), np.array([0, 0]), np.array([0.1, 0.2])))
+    assert np.isnan(c_index(np.array([5.0, 9.0]), np.array([0, 1]), np.array([0.1, 0.2])))
