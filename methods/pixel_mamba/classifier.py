@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from methods.pixel_mamba.layers import TABLES, output_shape
 from methods.pixel_mamba.model import NORM_EPS, Block
-from methods.pixel_mamba.token_ops import deserialize, fusion_count, serialize, token_expansion, zigzag_region_order
+from methods.pixel_mamba.token_ops import deserialize, fusion_schedule, serialize, token_expansion, zigzag_region_order
 
 MODEL_SIZES = {"pixel_mamba_6m": "6m", "pixel_mamba_21m": "21m"}
 
@@ -93,8 +93,8 @@ class PixelMambaClassifier(nn.Module):
         x = self.image_regions(images)
         b, n = x.shape[:2]
         sizes = torch.ones(b, n, device=x.device)
-        k = fusion_count(n, self.alpha, len(self.layers))
-        for spec, block in zip(self.table, self.layers):
+        schedule = fusion_schedule(n, self.alpha, len(self.layers))  # the WSI model's schedule
+        for spec, block, k in zip(self.table, self.layers, schedule):
             seq = serialize_batch(x)
             if self.checkpoint_layers and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, use_reentrant=False)
