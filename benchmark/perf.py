@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SIZES = {"4M": 4 * 2**20, "16M": 16 * 2**20, "32M": 32 * 2**20}  # tissue pixels at 2.5x
@@ -96,17 +97,17 @@ def layer_shapes(model: str, pixels: int, expand: int = 2, alpha: float = 0.8) -
     """One entry per distinct (token size, width) of the model's table, with the sequence length of its
     first layer for an image of `pixels` tissue pixels (regions shrink by region fusion per layer)."""
     from methods.pixel_mamba.layers import TABLES
-    from methods.pixel_mamba.token_ops import fusion_count
+    from methods.pixel_mamba.token_ops import fusion_schedule
 
     table = TABLES[model]
     regions = pixels // (REGION * REGION)
-    fused = fusion_count(regions, alpha, len(table))
+    fused_before = np.cumsum([0, *fusion_schedule(regions, alpha, len(table))])  # regions gone before layer i
     groups: dict[tuple, list] = {}
     for index, spec in enumerate(table):
         key = (spec.token, spec.channels)
         if key not in groups:
             tokens_per_region = REGION * REGION // (spec.token[0] * spec.token[1])
-            groups[key] = [spec.id, spec.id, (regions - index * fused) * tokens_per_region, spec.channels]
+            groups[key] = [spec.id, spec.id, int(regions - fused_before[index]) * tokens_per_region, spec.channels]
         groups[key][1] = spec.id
     return [LayerShape(model, "", f"{a}-{b}" if a != b else str(a), tokens, width, expand * width)
             for a, b, tokens, width in groups.values()]
