@@ -1,6 +1,5 @@
 """Pixel-Mamba's token operations against hand-computed cases: zigzag serialisation, token expansion,
 region fusion, region cutting, and the layer tables."""
-import math
 
 import numpy as np
 import pytest

@@ -80,10 +80,10 @@ class PixelMambaConfig:
             raise ValueError(f"pixel_mamba: region_size must be a multiple of {REGION_SIZE}, got {self.region_size}")
 
 
-# The synthetic demo (~40 patients, 2.5x images of ~25k tissue pixels, 5 folds on 2 CPU cores in ~5
-# minutes; measurements in docs/pixel_mamba.md): the slides at 1.25x (a quarter of the tokens), half the
-# region fusion (with ~10 regions a slide, alpha 0.8 leaves 2 regions from layer 9 on, and the demo
-# learned too slowly), 2 epochs with an optimizer step per patient.
+# The synthetic demo (~40 patients, 2.5x images of ~25k tissue pixels, 5 folds on 2 CPU cores in about
+# 5 minutes; measurements in docs/pixel_mamba.md): the slides at 1.25x (a quarter of the tokens), half
+# the region fusion (with ~10 regions a slide, alpha 0.8 leaves 2 regions from layer 9 on and learned
+# too slowly), 2 epochs with an optimizer step per patient. AUC 0.975 +- 0.050 on metastasis.
 DEMO_PRESET: dict[str, Any] = {"lowres_mpp": 8.0, "alpha": 0.4, "epochs": 2, "effective_batch": 1}
 
 
