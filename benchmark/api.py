@@ -45,7 +45,7 @@ class FoldOutput:
     info: free-form facts about the fold; survival methods put `train_risk_median` (the median risk of
         the fold's training patients, same scale as `risk`: the leaderboard's Kaplan-Meier split) and
         `timings` (train_s, n_train_slides = slides seen summed over epochs, infer_s, n_infer_slides: the
-        cost columns).
+        cost columns; seconds are device-seconds, wall time x GPUs for a job on several GPUs).
     weights: how the pretrained parts were initialised: 'pretrained:<source>', 'random' (a pretrained
         encoder replaced by random weights: flagged in leaderboards) or 'none' (nothing pretrained).
     """

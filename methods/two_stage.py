@@ -32,7 +32,6 @@ from datasets.patches import PatchParams
 from datasets.quarantine import Quarantine
 from datasets.tissue import TISSUE_PRESETS, TissueParams
 from methods.encoders import weights_provenance
-from methods.features import extract_slides, feature_attrs, feature_folder, load_features
 from methods.losses import survival_bin_edges, survival_bins
 from methods.mil import Bag, Recipe, predict_bags, train_bags
 
@@ -102,6 +101,8 @@ class TwoStageMethod(Method):
             if not self.features_dir.is_dir():
                 raise FileNotFoundError(f"features_dir {self.features_dir} is not a folder of <slide_id>.h5 files")
             return
+        from methods.features import extract_slides  # imported when used: `python -m methods.features` runs it
+
         quarantine = Quarantine(Path(ctx.out_dir) / "quarantine" / f"{cohort.name}.csv")
         extract_slides(cohort.slides[["slide_id", "path"]], Path(ctx.cache_dir), self.encoder, weights=ctx.weights,
                        input_size=self.input_size, patch=self.patch, tissue=self.tissue or cohort.tissue_params(), device=ctx.device,
@@ -114,6 +115,8 @@ class TwoStageMethod(Method):
             candidates = {s: [self.features_dir / f"{s}.h5", self.features_dir / "h5_files" / f"{s}.h5"]
                           for s in cohort.slides["slide_id"]}
         else:
+            from methods.features import feature_folder
+
             folder = feature_folder(ctx.cache_dir, self.encoder, ctx.weights, self.input_size, self.patch)
             candidates = {s: [folder / f"{s}.h5"] for s in cohort.slides["slide_id"]}
         return {s: next(p for p in paths if p.is_file()) for s, paths in candidates.items() if any(p.is_file() for p in paths)}
@@ -121,6 +124,8 @@ class TwoStageMethod(Method):
     def weights(self, files: dict[str, Path], ctx: RunContext) -> str:
         if self.features_dir is None:
             return weights_provenance(self.encoder, ctx.weights)
+        from methods.features import feature_attrs
+
         made = feature_attrs(next(iter(files.values()))).get("encoder_weights") if files else None
         return made or f"pretrained:features_dir:{self.features_dir}"
 
@@ -201,6 +206,8 @@ class TwoStageMethod(Method):
 
 
 def patient_features(paths: list[Path]) -> torch.Tensor:
+    from methods.features import load_features
+
     return torch.cat([load_features(p)[0] for p in paths])
 
 

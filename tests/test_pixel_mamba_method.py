@@ -153,6 +153,9 @@ def test_classification_fold_on_slides(tiny_cohort, tiny_tissue, tmp_path):
     np.testing.assert_allclose(preds["prob_0"] + preds["prob_1"], 1.0, rtol=1e-6)
     assert out.weights == "none" and out.missing_slides == ["p6_0"]
     assert out.info["patients_without_slides"] == ["p6"] and len(out.info["train_loss"]) == 1
+    timings = out.info["timings"]  # the leaderboard's cost column: 1 epoch x 4 training slides, 3 val slides
+    assert timings["n_train_slides"] == 4 and timings["n_infer_slides"] == 2 + 1
+    assert timings["train_s"] > 0 and timings["infer_s"] > 0
     quarantined = pd.read_csv(tmp_path / "quarantine" / "tiny.csv")
     assert quarantined["slide_id"].tolist() == ["p6_0"]
 
@@ -188,3 +191,12 @@ def test_regions_protocol_fold(tiny_cohort, tiny_tissue, tmp_path):
     np.testing.assert_allclose(sixths, np.round(sixths), atol=1e-9)
     with pytest.raises(ValueError, match="regions protocol"):
         method.run_fold(tiny_cohort, tiny_cohort.task("survival"), FOLD, seed=0, ctx=context(tmp_path))
+
+
+def test_out_of_memory_retry_turns_on_layer_checkpointing():
+    from benchmark.launchers.execution import oom_retry_overrides
+
+    method = METHODS.create("pixel_mamba")
+    retry = oom_retry_overrides(method)
+    assert retry == {"checkpoint_layers": True}
+    assert METHODS.create("pixel_mamba", **retry).cfg.checkpoint_layers

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.pixel_mamba.method import Sample, accumulation_steps, predict_logits, train_model
+from methods.pixel_mamba.method import PixelMambaConfig, Sample, effective_batch, predict_logits, train_model
 from methods.pixel_mamba.model import pixel_mamba, pixel_mamba_6m, pixel_mamba_21m
 
 
@@ -64,10 +64,9 @@ def test_bad_inputs_are_refused():
         pixel_mamba("7m", 2)
 
 
-def test_accumulation_adapts_to_the_world_size():
-    assert accumulation_steps(64) == 64
-    assert accumulation_steps(64, world_size=8) == 8
-    assert accumulation_steps(4, world_size=8) == 1
+def test_effective_batch_is_fixed_unless_the_accumulation_is():
+    assert effective_batch(PixelMambaConfig(), 1) == effective_batch(PixelMambaConfig(), 8) == 64
+    assert effective_batch(PixelMambaConfig(accumulation=2), 8) == 16
 
 
 def colour_samples(n: int, seed: int) -> list[Sample]:
@@ -83,7 +82,7 @@ def colour_samples(n: int, seed: int) -> list[Sample]:
 
 
 def bag_inputs(sample, rng):
-    yield from sample.sources
+    return [lambda pixels=pixels: pixels for pixels in sample.sources]
 
 
 def test_training_on_two_colour_classes_lowers_the_loss_deterministically():
@@ -93,10 +92,69 @@ def test_training_on_two_colour_classes_lowers_the_loss_deterministically():
         torch.manual_seed(0)
         model = pixel_mamba_6m(2)
         history = train_model(model, samples, "classification", bag_inputs, epochs=4, lr=1e-3,
-                              weight_decay=0.05, accumulation=2, seed=0, device=torch.device("cpu"))
+                              weight_decay=0.05, effective_batch=2, seed=0, device=torch.device("cpu"))
         runs.append(history)
     assert runs[0] == runs[1]  # deterministic by seed on the CPU
     assert runs[0][-1] < 0.5 * runs[0][0]
     held_out = [s.sources[0] for s in colour_samples(4, seed=1)]
     predicted = torch.stack(predict_logits(model, held_out, torch.device("cpu"))).argmax(1)
     assert predicted.tolist() == [0, 1, 0, 1]
+
+
+# ---- the trainer under the runner's fault and multi-GPU rules ----------------------------------------
+def train_tiny(job_dir=None, world=None, epochs: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """7 bags in optimizer steps of 4 (the last step has 3: uneven over 2 ranks)."""
+    torch.manual_seed(0)
+    model = pixel_mamba_6m(2)
+    history = train_model(model, colour_samples(7, seed=0), "classification", bag_inputs, epochs=epochs, lr=1e-3,
+                          weight_decay=0.05, effective_batch=4, seed=0, device=torch.device("cpu"),
+                          job_dir=job_dir, world=world)
+    return history, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_killed_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    from benchmark import checkpoint
+
+    history, weights = train_tiny()
+    save = checkpoint.save
+
+    def save_then_die(job_dir, epoch, **kwargs):
+        save(job_dir, epoch, **kwargs)
+        if epoch == 2:
+            raise KeyboardInterrupt  # killed after the second epoch's state was written
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tmp_path)
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed_history, resumed = train_tiny(tmp_path)
+    assert resumed_history == history
+    for name, value in weights.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def _tiny_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    from benchmark import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    world = distributed.init_from_env("cpu")
+    history, weights = train_tiny(world=world, epochs=2)
+    torch.save({"history": history, "weights": weights}, f"{out}.rank{rank}")
+    distributed.shutdown()
+
+
+def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    history, weights = train_tiny(epochs=2)
+    mp.spawn(_tiny_rank, args=(free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"run.rank{rank}")
+        assert saved["history"] == pytest.approx(history, rel=1e-5)
+        for name, value in weights.items():
+            assert torch.allclose(saved["weights"][name], value, atol=1e-5, rtol=0), name

@@ -82,7 +82,7 @@ def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, split):
     weight = torch.randn(2, 5001, 24)
     outs, grads = [], []
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
-        x = hidden.to(device).requires_grad_(True)
+        x = hidden.clone().to(device).requires_grad_(True)  # a leaf on each device
         out = module(x)
         (out * weight.to(device)).sum().backward()
         outs.append(out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from benchmark import checkpoint, distributed
 from benchmark.api import FoldOutput, Method, RunContext
 from benchmark.registry import METHODS
 from datasets.cohorts.base import Cohort, Fold, Task
@@ -50,8 +52,8 @@ class PixelMambaConfig:
     epochs: int = 100  # [S]; capped by --max-epochs
     lr: float = 4e-4  # [S] peak of the cosine schedule (one value per optimizer step, down to 0)
     weight_decay: float = 0.05  # [D] the ImageNet recipe's
-    effective_batch: int = 64  # [S] samples per optimizer step over all GPUs (1 per GPU and step)
-    accumulation: int | None = None  # None: effective_batch / world size
+    effective_batch: int = 64  # [S] model inputs per optimizer step over all GPUs (1 per GPU and micro-step)
+    accumulation: int | None = None  # micro-steps per GPU and optimizer step; None: effective_batch / GPUs
     alpha: float = 0.8  # [D] region fusion: fraction of regions fused away over the 24 layers
     d_state: int = 16  # [D] mixer
     d_conv: int = 4
@@ -87,11 +89,13 @@ class PixelMambaConfig:
 DEMO_PRESET: dict[str, Any] = {"lowres_mpp": 8.0, "alpha": 0.4, "epochs": 2, "effective_batch": 1}
 
 
-def accumulation_steps(effective_batch: int, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step: one sample per GPU and step, `effective_batch` over all GPUs."""
-    if effective_batch < 1 or world_size < 1:
-        raise ValueError("effective_batch and world size must be >= 1")
-    return max(1, effective_batch // world_size)
+def effective_batch(cfg: PixelMambaConfig, world_size: int) -> int:
+    """Model inputs per optimizer step over all GPUs: `effective_batch` whatever the number of GPUs
+    (each GPU then accumulates effective_batch / GPUs micro-steps), or `accumulation` x GPUs when the
+    accumulation is fixed instead."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    return cfg.accumulation * world_size if cfg.accumulation else cfg.effective_batch
 
 
 @dataclass
@@ -105,6 +109,9 @@ class Sample:
 
 
 class PixelMambaMethod(Method):
+    # what an out-of-memory job is retried with under --retry-oom
+    oom_retry_overrides = {"checkpoint_layers": True}
+
     def __init__(self, name: str, cfg: PixelMambaConfig):
         self.name = name
         self.cfg = cfg
@@ -170,23 +177,28 @@ class PixelMambaMethod(Method):
 
         torch.manual_seed(seed)
         device = torch.device(ctx.device)
+        world = distributed.world()
         model = self._build(task).to(device)
         weights_label, weights_info = load_weights(model, ctx.weights if ctx.weights is not None else self.cfg.weights)
         epochs = min(self.cfg.epochs, ctx.max_epochs) if ctx.max_epochs else self.cfg.epochs
+        started = time.perf_counter()
         history = train_model(model, train, task.kind, self._train_inputs, epochs=epochs, lr=self.cfg.lr,
-                              weight_decay=self.cfg.weight_decay,
-                              accumulation=self.cfg.accumulation or accumulation_steps(self.cfg.effective_batch),
-                              seed=seed, device=device)
-        rows, unscored = [], []
-        for partition in ("val", "test"):
-            for sample in by_partition.get(partition, []):
-                if not sample.sources:  # the runner leaves patients_without_slides out of the scoring
-                    unscored.append(sample.patient_id)
-                    continue
-                scores = self._score(model, sample, task, device, seed)
-                rows.append(_prediction_row(sample, partition, samples.loc[sample.patient_id], task, scores))
+                              weight_decay=self.cfg.weight_decay, effective_batch=effective_batch(self.cfg, world.size),
+                              seed=seed, device=device, job_dir=ctx.job_dir, world=world)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        scored = [(partition, sample) for partition in ("val", "test") for sample in by_partition.get(partition, [])]
+        unscored = [sample.patient_id for _, sample in scored if not sample.sources]  # left out of the scoring
+        mine = distributed.shard([(i, p, s) for i, (p, s) in enumerate(scored) if s.sources], world)
+        rows = sorted(distributed.gather(
+            [(i, _prediction_row(s, p, samples.loc[s.patient_id], task, self._score(model, s, task, device, seed)))
+             for i, p, s in mine], world))
+        rows = [row for _, row in rows]
+        n_slides = sum(len(sample.sources) for _, sample in scored)
+        timings = {"train_s": train_s * world.size, "n_train_slides": epochs * sum(len(s.sources) for s in train),
+                   "infer_s": (time.perf_counter() - started) * world.size, "n_infer_slides": n_slides}
         info = {"epochs": epochs, "train_loss": history, "body_parameters": model.body_parameters(),
-                "patients_without_slides": unscored, **weights_info}
+                "patients_without_slides": unscored, "world_size": world.size, "timings": timings, **weights_info}
         return FoldOutput(pd.DataFrame(rows), weights_label, missing_slides=missing, info=info)
 
     def _build(self, task: Task) -> PixelMamba:
@@ -196,13 +208,15 @@ class PixelMambaMethod(Method):
                            checkpoint_layers=c.checkpoint_layers)
 
     # ---- inputs ------------------------------------------------------------------------------------
-    def _train_inputs(self, sample: Sample, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-        """The model inputs one training sample gives in one epoch (one per optimizer micro-step)."""
+    def _train_inputs(self, sample: Sample, rng: np.random.Generator) -> list[Callable[[], torch.Tensor]]:
+        """Loaders of the model inputs one training sample gives in one epoch (one per micro-step).
+        Random draws happen here, in the same order on every rank; the reading happens on the rank
+        that gets the input."""
         if self.cfg.protocol == "slide":
-            yield patient_pixels(sample.sources)
-            return
-        for wsi_path, tissue in sample.sources:
-            yield from self._random_region_pixels(wsi_path, tissue, self.cfg.train_regions, int(rng.integers(2**31)))
+            return [lambda: patient_pixels(sample.sources)]
+        seeds = [(wsi_path, tissue, int(rng.integers(2**31)))
+                 for wsi_path, tissue in sample.sources for _ in range(self.cfg.train_regions)]
+        return [lambda w=w, t=t, s=s: next(iter(self._random_region_pixels(w, t, 1, s))) for w, t, s in seeds]
 
     def _score(self, model: PixelMamba, sample: Sample, task: Task, device: torch.device, seed: int) -> np.ndarray:
         """Class probabilities (classification) or risk (survival) of one patient."""
@@ -304,44 +318,49 @@ def train_model(
     model: PixelMamba,
     samples: list[Sample],
     kind: str,
-    inputs: Callable[[Sample, np.random.Generator], Iterator[torch.Tensor]],
+    inputs: Callable[[Sample, np.random.Generator], list[Callable[[], torch.Tensor]]],
     *,
     epochs: int,
     lr: float,
     weight_decay: float,
-    accumulation: int,
+    effective_batch: int,
     seed: int,
     device: torch.device,
+    job_dir: Path | None = None,
+    world: distributed.World | None = None,
 ) -> list[float]:
-    """AdamW with a cosine schedule per optimizer step; gradients accumulate over `accumulation` model
-    inputs (the last group of an epoch may be smaller: its loss is averaged over its own size).
-    Samples are shuffled each epoch; `inputs` gives a sample's `n_inputs` model inputs.
+    """AdamW with a cosine schedule per optimizer step; each step averages the gradients of
+    `effective_batch` model inputs, spread over the ranks of `world` (benchmark.distributed.train_steps:
+    the same weights whatever the number of GPUs). Samples are shuffled each epoch by a generator
+    seeded alike on every rank; `inputs` gives a sample's `n_inputs` input loaders. The state is saved
+    after each epoch in `job_dir` and a rerun resumes from it (benchmark.checkpoint).
     Returns the mean training loss of each epoch."""
+    world = world or distributed.world()
     rng = np.random.default_rng(seed)
     per_epoch = sum(sample.n_inputs for sample in samples)
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(per_epoch / accumulation))
-    history = []
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(per_epoch / effective_batch))
+    start, extra = checkpoint.resume(job_dir, model=model, optimizer=optimizer, scheduler=schedule, rng=rng)
+    history = list(extra.get("history", []))
+    if start:
+        log.info("resumed after epoch %d/%d from %s", start, epochs, job_dir)
+    trained = distributed.wrap_model(model, world)
+
+    def loss_fn(m: nn.Module, item: tuple[Sample, Callable[[], torch.Tensor]]) -> torch.Tensor:
+        sample, load = item
+        with _autocast(device):
+            logits = m(load().to(device))
+        return task_loss(kind, logits.float(), {k: v.to(device) for k, v in sample.target.items()})
+
     model.train()
-    for epoch in range(epochs):
-        losses = []
-        for index in rng.permutation(len(samples)):
-            sample = samples[index]
-            target = {k: v.to(device) for k, v in sample.target.items()}
-            for pixels in inputs(sample, rng):
-                group_size = min(accumulation, per_epoch - len(losses) // accumulation * accumulation)
-                with _autocast(device):
-                    logits = model(pixels.to(device))
-                loss = task_loss(kind, logits.float(), target)
-                (loss / group_size).backward()
-                losses.append(loss.item())
-                if len(losses) % accumulation == 0 or len(losses) == per_epoch:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    schedule.step()
-        if len(losses) != per_epoch:
-            raise RuntimeError(f"pixel_mamba: an epoch gave {len(losses)} model inputs, expected {per_epoch}")
-        history.append(float(np.mean(losses)))
+    for epoch in range(start, epochs):
+        items = [(samples[i], load) for i in rng.permutation(len(samples)) for load in inputs(samples[i], rng)]
+        if len(items) != per_epoch:
+            raise RuntimeError(f"pixel_mamba: an epoch gave {len(items)} model inputs, expected {per_epoch}")
+        history.append(distributed.train_steps(trained, items, loss_fn, optimizer, effective_batch, world,
+                                               on_step=schedule.step))
+        checkpoint.save(job_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=schedule, rng=rng,
+                        extra={"history": history})
         log.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, history[-1])
     return history
 

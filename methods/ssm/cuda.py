@@ -180,5 +180,7 @@ def causal_conv1d_silu(x, weight, bias=None):
     for start in range(0, length, segment):
         lo = max(0, start - (width - 1))
         part = x[..., lo:start + segment].contiguous()  # contiguous along L, the layout the kernel wants
-        outs.append(fn(part, weight2d, bias, activation="silu")[..., start - lo:])
+        # the kernel's backward loads rows 16 bytes at a time: hand it a contiguous gradient, not a
+        # slice of the concatenated segments' gradient (misaligned rows)
+        outs.append(_ContiguousGrad.apply(fn(part, weight2d, bias, activation="silu"))[..., start - lo:])
     return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
