@@ -63,11 +63,12 @@ def fold_table(records: list[dict]) -> pd.DataFrame:
 
 
 def summarise(folds: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
-    """Mean and sample std over folds (each fold first averaged over seeds), per method."""
+    """Mean and sample std over folds (each fold first averaged over seeds), per method; best first by
+    the primary metric's mean, ties broken by the next metrics' means, then by name (a stable order)."""
     ok = folds[folds["status"] == "ok"]
     per_fold = ok.groupby(["method", "fold"])[list(metrics)].mean()
-    stats = per_fold.groupby("method").agg(["mean", "std", "count"])
-    return stats.sort_values((metrics[0], "mean"), ascending=False)
+    stats = per_fold.groupby("method").agg(["mean", "std", "count"]).sort_index()
+    return stats.sort_values([(m, "mean") for m in metrics], ascending=False, kind="stable", na_position="last")
 
 
 def fmt(mean: float, std: float) -> str:

@@ -185,3 +185,12 @@ def test_unchanged_pictures_are_not_redrawn(tmp_path, monkeypatch):
     write_job(tmp_path, "b", 1, binary_preds(1, 5.0, rng, n=10))  # b's predictions change
     leaderboard.build(tmp_path, tmp_path / "lb")
     assert sorted(redrawn) == ["b", "overlay"]
+
+
+def test_ties_on_the_primary_metric_are_broken_by_the_next_metrics_then_by_name():
+    folds = pd.DataFrame({"method": ["zeta", "zeta", "beta", "beta", "alpha", "alpha", "gamma", "gamma"],
+                          "fold": [0, 1] * 4, "status": "ok",
+                          "auc": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 1.0],
+                          "accuracy": [1.0, 1.0, 0.9, 1.0, 0.9, 1.0, 1.0, 1.0]})
+    summary = leaderboard.summarise(folds, ("auc", "accuracy"))
+    assert summary.index.tolist() == ["zeta", "alpha", "beta", "gamma"]
