@@ -153,6 +153,8 @@ class TwoStageMethod(Method):
         predictions = pd.concat([self.predict(model, bags[part], part, samples, task, ctx.device)
                                  for part in ("val", "test") if part in parts], ignore_index=True)
         infer_s = time.perf_counter() - started
+        if task.kind == "survival":  # the leaderboard's Kaplan-Meier split, from training patients only
+            info["train_risk_median"] = float(np.median(predict_bags(model, bags["train"], task.kind, ctx.device)))
         n_slides = lambda bs: sum(len(samples.loc[b.patient_id, "slide_ids"]) for b in bs)  # noqa: E731
         info.update(
             patients_without_slides=without,

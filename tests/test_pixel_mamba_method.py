@@ -174,11 +174,24 @@ def test_a_patient_bag_is_all_its_slides_regions(tiny_cohort, tiny_tissue, tmp_p
     assert torch.equal(bag[n_first], patient_pixels([second])[0])
 
 
-def test_survival_fold_on_patient_bags(tiny_cohort, tiny_tissue, tmp_path):
+def test_survival_fold_on_patient_bags(tiny_cohort, tiny_tissue, tmp_path, monkeypatch):
+    from methods.pixel_mamba.method import PixelMambaMethod
+
+    scores = {}
+    original = PixelMambaMethod._score
+
+    def recording(self, model, sample, task, device, seed):
+        scores[sample.patient_id] = out = original(self, model, sample, task, device, seed)
+        return out
+
+    monkeypatch.setattr(PixelMambaMethod, "_score", recording)
     out = METHODS.create("pixel_mamba", **FAST).run_fold(
         tiny_cohort, tiny_cohort.task("survival"), FOLD, seed=0, ctx=context(tmp_path))
     assert out.predictions["patient_id"].tolist() == ["p4", "p5"]
     assert np.isfinite(out.predictions["risk"]).all() and set(out.predictions.columns) >= {"time", "event"}
+    np.testing.assert_allclose(out.predictions["risk"], [scores["p4"][0], scores["p5"][0]], rtol=1e-6)
+    # the leaderboard's Kaplan-Meier split: the median risk of the fold's training patients only
+    assert out.info["train_risk_median"] == pytest.approx(float(np.median([scores[p][0] for p in FOLD.train])))
 
 
 def test_regions_protocol_fold(tiny_cohort, tiny_tissue, tmp_path):

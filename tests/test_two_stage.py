@@ -102,6 +102,23 @@ def test_survival_bins_come_from_training_patients_only(cohort, ctx, prepared):
     np.testing.assert_allclose(out.info["survival_bin_edges"][1:-1], np.quantile(uncensored, [0.25, 0.5, 0.75]))
 
 
+def test_kaplan_meier_split_is_the_median_risk_of_the_training_patients(cohort, ctx, prepared, monkeypatch):
+    calls = {}
+    original = methods.two_stage.predict_bags
+
+    def recording(model, bags, kind, device):
+        out = original(model, bags, kind, device)
+        calls[tuple(b.patient_id for b in bags)] = out
+        return out
+
+    monkeypatch.setattr(methods.two_stage, "predict_bags", recording)
+    out = prepared.run_fold(cohort, cohort.task("survival"), FOLD, seed=0, ctx=ctx)
+    train_ids = next(ids for ids in calls if set(ids) <= set(FOLD.train))
+    assert set(train_ids) == set(FOLD.train)  # every training patient has features in this cohort
+    assert out.info["train_risk_median"] == pytest.approx(float(np.median(calls[train_ids])))
+    assert not any(set(ids) & set(FOLD.train) and set(ids) - set(FOLD.train) for ids in calls)
+
+
 def test_other_aggregators_and_features_shared_across_methods(cohort, ctx, prepared):
     task = cohort.task("tumour")
     for name in ("r50_meanpool", "r50_maxpool", "r50_mambamil"):

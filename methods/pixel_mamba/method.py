@@ -197,8 +197,14 @@ class PixelMambaMethod(Method):
         n_slides = sum(len(sample.sources) for _, sample in scored)
         timings = {"train_s": train_s * world.size, "n_train_slides": epochs * sum(len(s.sources) for s in train),
                    "infer_s": (time.perf_counter() - started) * world.size, "n_infer_slides": n_slides}
+        extra = {}
+        if task.kind == "survival":  # the leaderboard's Kaplan-Meier split, from training patients only
+            risks = distributed.gather([float(self._score(model, s, task, device, seed)[0])
+                                        for s in distributed.shard(train, world)], world)
+            extra["train_risk_median"] = float(np.median(risks))
         info = {"epochs": epochs, "train_loss": history, "body_parameters": model.body_parameters(),
-                "patients_without_slides": unscored, "world_size": world.size, "timings": timings, **weights_info}
+                "patients_without_slides": unscored, "world_size": world.size, "timings": timings, **extra,
+                **weights_info}
         return FoldOutput(pd.DataFrame(rows), weights_label, missing_slides=missing, info=info)
 
     def _build(self, task: Task) -> PixelMamba:
