@@ -80,8 +80,9 @@ def gpus_per_job(opts: RunOptions, method: Method) -> int:
 def oom_retry_overrides(method: Method) -> dict:
     """Settings that make a method use less GPU memory (e.g. activation checkpointing), which an
     out-of-memory job is retried with under --retry-oom. A method declares them as
-    `oom_retry_overrides`; by default {"activation_checkpointing": True}."""
-    return dict(getattr(method, "oom_retry_overrides", {"activation_checkpointing": True}))
+    `oom_retry_overrides` (Pixel-Mamba: {"checkpoint_layers": True}); a method that declares none has
+    no lighter setting and is not retried."""
+    return dict(getattr(method, "oom_retry_overrides", {}))
 
 
 def is_out_of_memory(record: dict) -> bool:
