@@ -189,19 +189,17 @@ class PixelMambaMethod(Method):
         started = time.perf_counter()
         scored = [(partition, sample) for partition in ("val", "test") for sample in by_partition.get(partition, [])]
         unscored = [sample.patient_id for _, sample in scored if not sample.sources]  # left out of the scoring
-        mine = distributed.shard([(i, p, s) for i, (p, s) in enumerate(scored) if s.sources], world)
-        rows = sorted(distributed.gather(
-            [(i, _prediction_row(s, p, samples.loc[s.patient_id], task, self._score(model, s, task, device, seed)))
-             for i, p, s in mine], world))
-        rows = [row for _, row in rows]
-        n_slides = sum(len(sample.sources) for _, sample in scored)
+        scored = [(partition, sample) for partition, sample in scored if sample.sources]
+        scores = self._score_all(model, [sample for _, sample in scored], task, device, seed, world)
+        rows = [_prediction_row(sample, partition, samples.loc[sample.patient_id], task, score)
+                for (partition, sample), score in zip(scored, scores)]
         timings = {"train_s": train_s * world.size, "n_train_slides": epochs * sum(len(s.sources) for s in train),
-                   "infer_s": (time.perf_counter() - started) * world.size, "n_infer_slides": n_slides}
+                   "infer_s": (time.perf_counter() - started) * world.size,
+                   "n_infer_slides": sum(len(sample.sources) for _, sample in scored)}
         extra = {}
         if task.kind == "survival":  # the leaderboard's Kaplan-Meier split, from training patients only
-            risks = distributed.gather([float(self._score(model, s, task, device, seed)[0])
-                                        for s in distributed.shard(train, world)], world)
-            extra["train_risk_median"] = float(np.median(risks))
+            risks = self._score_all(model, train, task, device, seed, world)
+            extra["train_risk_median"] = float(np.median([risk[0] for risk in risks]))
         info = {"epochs": epochs, "train_loss": history, "body_parameters": model.body_parameters(),
                 "patients_without_slides": unscored, "world_size": world.size, "timings": timings, **extra,
                 **weights_info}
@@ -223,6 +221,13 @@ class PixelMambaMethod(Method):
         seeds = [(wsi_path, tissue, int(rng.integers(2**31)))
                  for wsi_path, tissue in sample.sources for _ in range(self.cfg.train_regions)]
         return [lambda w=w, t=t, s=s: next(iter(self._random_region_pixels(w, t, 1, s))) for w, t, s in seeds]
+
+    def _score_all(self, model: PixelMamba, to_score: list[Sample], task: Task, device: torch.device, seed: int,
+                   world: distributed.World) -> list[np.ndarray]:
+        """`_score` of each sample, in order; the ranks of a multi-GPU job score a share each."""
+        mine = distributed.shard(list(enumerate(to_score)), world)
+        done = distributed.gather([(i, self._score(model, sample, task, device, seed)) for i, sample in mine], world)
+        return [score for _, score in sorted(done, key=lambda pair: pair[0])]
 
     def _score(self, model: PixelMamba, sample: Sample, task: Task, device: torch.device, seed: int) -> np.ndarray:
         """Class probabilities (classification) or risk (survival) of one patient."""
