@@ -92,6 +92,11 @@ class LayerShape:
     d_model: int
     channels: int    # inner channels E = expand * d_model
 
+    def row(self, **extra) -> dict:
+        """The start of a result row for this shape."""
+        return dict(model=self.model, size=self.size, layers=self.layers, tokens=self.tokens,
+                    channels=self.channels, **extra)
+
 
 def layer_shapes(model: str, pixels: int, expand: int = 2, alpha: float = 0.8) -> list[LayerShape]:
     """One entry per distinct (token size, width) of the model's table, with the sequence length of its
@@ -184,8 +189,7 @@ def bench_scan(shapes, dtype, copy_gbs, paths=None) -> list[dict]:
     for shape in shapes:
         ins = scan_inputs(shape.channels, shape.tokens, dtype)
         dout = torch.randn(1, shape.channels, shape.tokens, device="cuda", dtype=dtype)
-        row = dict(model=shape.model, size=shape.size, layers=shape.layers, tokens=shape.tokens,
-                   channels=shape.channels, dtype=str(dtype).replace("torch.", ""))
+        row = shape.row(dtype=str(dtype).replace("torch.", ""))
         for name, fn in paths.items():
             def forward():
                 with torch.no_grad():
@@ -241,8 +245,7 @@ def bench_mixer(shapes, dtype, paths=("ours", "stock")) -> list[dict]:
     for shape in shapes:
         mixer = BiMambaMixer(shape.d_model, d_state=D_STATE).cuda()
         x = torch.randn(1, shape.tokens, shape.d_model, device="cuda", requires_grad=True)
-        row = dict(model=shape.model, size=shape.size, layers=shape.layers, tokens=shape.tokens,
-                   channels=shape.channels, autocast=str(dtype).replace("torch.", ""))
+        row = shape.row(autocast=str(dtype).replace("torch.", ""))
         for path in paths:
             def step():
                 with torch.autocast("cuda", dtype=dtype):
