@@ -24,19 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmark import distributed
 from benchmark.results import atomic_write, atomic_write_text
 
 STATE_DIR = "train_state"
 CONFIG_MARK = "config_hash"
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -65,9 +57,9 @@ def save(job_dir: Path | None, epoch: int, *, model: torch.nn.Module, optimizer=
     if job_dir is None:
         return
     folder = Path(job_dir) / STATE_DIR
-    rank = _rank()
+    rank = distributed.world().rank
     if rank == 0:
-        state = {"epoch": epoch, "model": _unwrap(model).state_dict(), "extra": extra or {},
+        state = {"epoch": epoch, "model": distributed.unwrap(model).state_dict(), "extra": extra or {},
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "generator": rng.bit_generator.state if rng is not None else None}
@@ -83,13 +75,13 @@ def resume(job_dir: Path | None, *, model: torch.nn.Module, optimizer=None, sche
     if path is None or not path.exists():
         return 0, {}
     state = torch.load(path, map_location="cpu", weights_only=False)
-    _unwrap(model).load_state_dict(state["model"])
+    distributed.unwrap(model).load_state_dict(state["model"])
     for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if target is not None and state[key] is not None:
             target.load_state_dict(state[key])
     if rng is not None and state["generator"] is not None:
         rng.bit_generator.state = state["generator"]
-    random_path = path.parent / f"random_rank{_rank()}.pt"
+    random_path = path.parent / f"random_rank{distributed.world().rank}.pt"
     if random_path.exists():
         saved = torch.load(random_path, map_location="cpu", weights_only=False)
         if saved["epoch"] == state["epoch"]:  # killed between the two writes: keep the fresh state

@@ -123,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return run_from_args(args, argv)
-    except UnknownNameError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as err:
+    except (UnknownNameError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -33,9 +33,8 @@ def record_plan(out_dir: Path, planned) -> None:
     for p in planned:
         by_table.setdefault((p.job.dataset, p.job.task), set()).add(f"{p.job.method}|{p.job.fold}|{p.job.seed}")
     for (dataset, task), jobs in by_table.items():
-        path = plan_path(out_dir, dataset, task)
-        known = set(json.loads(path.read_text())) if path.exists() else set()
-        atomic_write_text(path, json.dumps(sorted(known | jobs), indent=0))
+        known = load_plan(out_dir, dataset, task)
+        atomic_write_text(plan_path(out_dir, dataset, task), json.dumps(sorted(known | jobs), indent=0))
 
 
 def fold_table(records: list[dict]) -> pd.DataFrame:

@@ -182,14 +182,14 @@ def cost(timings: dict, device: str) -> dict:
     return {"device": "gpu" if device.startswith("cuda") else "cpu", **per_slide, **peak}
 
 
-def write_run_provenance(opts: RunOptions, argv: list[str] | None, state: RunState | None = None) -> None:
+def write_run_provenance(opts: RunOptions, argv: list[str] | None, state: RunState) -> None:
     """<out>/provenance/run_<time>_<pid>.json: how this run was made (two runners never share a file)."""
     import json
     import os
 
-    record = {"argv": argv, "options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()},
-              "method_configs": {name: m.config() for name, m in state.methods.items()} if state else None,
-              "jobs_planned": len(state.planned) if state else None,
+    record = {"argv": argv, "options": opts.__dict__,  # Paths become strings through default=str below
+              "method_configs": {name: m.config() for name, m in state.methods.items()},
+              "jobs_planned": len(state.planned),
               "versions": provenance.package_versions(), "git_commit": provenance.git_commit(),
               "hardware": {**provenance.hardware(), "cuda": torch.version.cuda},
               "environment": {k: v for k, v in os.environ.items()

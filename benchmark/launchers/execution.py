@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmark import checkpoint, distributed
+from benchmark import checkpoint, distributed, provenance
 from benchmark.api import Method
 from benchmark.jobs import Job, PlannedJob, _is_done
 from benchmark.locks import JobLock, lock_path
 from benchmark.results import atomic_write_text, read_result, write_result
 from benchmark.runner import RunOptions, RunState, build_methods, context, execute_job, job_dir, make_plan, prepare
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = provenance.REPO_ROOT  # launched processes run from the checkout
 
 
 def options_to_dict(opts: RunOptions) -> dict:

@@ -111,7 +111,6 @@ class Submitted:
     job: object  # submitit.Job
     planned: PlannedJob | None
     width: int
-    lock: JobLock | None
     gone_since: float | None = None
 
 
@@ -161,7 +160,7 @@ class SlurmQueue:
             with executor.batch():
                 jobs = [executor.submit(SlurmTask(spec.to_json())) for spec in specs]
             for spec, job, (_, _, planned, _, _) in zip(specs, jobs, group):
-                self.active.append(Submitted(spec, job, planned, width, None))
+                self.active.append(Submitted(spec, job, planned, width))
             first = jobs[0].job_id.split("_")[0]
             what = "prepare job(s)" if group[0][0] == "prepare" else f"job(s) of {width} task(s)"
             self.status.say(f"slurm: submitted {len(jobs)} {what} as SLURM job {first}; "
