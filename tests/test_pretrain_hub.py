@@ -55,6 +55,9 @@ def test_push_to_a_local_folder_and_load_it_by_hf_path_into_the_wsi_model(folder
     assert label.startswith("pretrained:")
     assert torch.equal(wsi.layers[7].mixer.out_proj.weight, classifier.layers[7].mixer.out_proj.weight)
     assert all(k.startswith("head.") for k in info["weights_new"]) and "head.classifier.weight" in info["weights_new"]
+    by_name = pixel_mamba_6m(2)  # the fine-tuning spelling: --weights hf:<local model folder>
+    assert load_weights(by_name, f"hf:{target}")[0] == f"pretrained:hf:{target}"
+    assert torch.equal(by_name.layers[7].mixer.out_proj.weight, classifier.layers[7].mixer.out_proj.weight)
     with pytest.raises(FileNotFoundError, match="push a model folder there first"):
         resolve_weights(f"hf:{tmp_path / 'nothing'}/")
 

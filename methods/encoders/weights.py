@@ -108,7 +108,7 @@ def hub_file(repo_id: str, filename: str, gated: bool = False) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint file as a flat state dict: unwraps {'state_dict': ...} / {'model': ...}, strips
+    """A checkpoint file as a flat state dict: unwraps {'state_dict' | 'model' | 'model_state_dict': ...}, strips
     the `module.` prefix that DataParallel / DDP checkpoints carry."""
     path = Path(path)
     try:
@@ -121,7 +121,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise WeightsUnavailableError(f"cannot read checkpoint {path} ({type(err).__name__}: {first_line(err)}); pass a .safetensors/.bin/.pth state dict") from err
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):

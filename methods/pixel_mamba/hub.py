@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 WEIGHTS_NAME = "model.safetensors"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
@@ -148,9 +149,13 @@ def resolve_weights(spec: str) -> Path:
         raise ValueError(f"--weights {spec}: write hf:OWNER/NAME, hf:OWNER/NAME/FILE or hf:./LOCAL_FOLDER")
     from huggingface_hub import hf_hub_download
 
-    filename = "/".join(parts[2:]) or WEIGHTS_NAME
-    try:
-        return Path(hf_hub_download("/".join(parts[:2]), filename))
-    except Exception as err:  # noqa: BLE001 - offline, gated, missing: one message that says what to do
-        raise RuntimeError(f"could not get {filename} of Hugging Face repo {'/'.join(parts[:2])} ({type(err).__name__}); "
-                           "check the name and HF_TOKEN, download it once online, or use a local path") from err
+    # a named FILE, else our model.safetensors, else the torch file that other uploads carry
+    filenames = ["/".join(parts[2:])] if len(parts) > 2 else [WEIGHTS_NAME, TORCH_WEIGHTS_NAME]
+    errors = []
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), filename))
+        except Exception as err:  # noqa: BLE001 - offline, gated, missing: one message that says what to do
+            errors.append(f"{filename}: {type(err).__name__}")
+    raise RuntimeError(f"could not get {' or '.join(filenames)} of Hugging Face repo {'/'.join(parts[:2])} "
+                       f"({'; '.join(errors)}); check the name and HF_TOKEN, download it once online, or use a local path")

@@ -1,4 +1,5 @@
-"""Pixel-Mamba checkpoints: `--weights none | PATH | hf:OWNER/REPO[/FILE]`.
+"""Pixel-Mamba checkpoints: `--weights none | PATH | hf:OWNER/REPO[/FILE] | hf:./LOCAL_FOLDER`
+(resolved by methods.pixel_mamba.hub.resolve_weights).
 
 The paper published no weights, so there is no default hub checkpoint: without one the model trains
 from scratch and results say `weights = none`. A checkpoint is a state dict of our `PixelMamba` module
@@ -14,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from methods.encoders import weights as encoder_weights
+from methods.pixel_mamba.hub import resolve_weights
+
 log = logging.getLogger(__name__)
 
-HF_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
-WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 SIZE_BY_LAST_WIDTH = {384: "pixel_mamba (6M)", 768: "pixel_mamba_21m (21M)"}
 LAST_WIDTH_KEY = "layers.23.norm.weight"
 
@@ -28,49 +30,17 @@ def load_weights(model: nn.Module, spec: str | None) -> tuple[str, dict[str, Any
         return "none", {"weights": "none (trained from scratch)"}
     if spec == "hub":
         raise ValueError("pixel_mamba has no published checkpoint: pass --weights PATH or hf:OWNER/REPO[/FILE], or none")
-    path = _resolve(spec)
+    path = resolve_weights(spec)
     report = apply_state_dict(model, read_state_dict(path))
     log.info("weights %s: %d tensors taken, %d new, %d unused", spec, report["weights_taken"],
              len(report["weights_new"]), len(report["weights_unused"]))
     return f"pretrained:{spec}", {"weights": spec, **report}
 
 
-def _resolve(spec: str) -> Path:
-    if not spec.startswith("hf:"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} does not exist; pass an existing checkpoint, hf:OWNER/REPO, or none")
-        return path
-    from huggingface_hub import hf_hub_download  # network client: only when asked for
-
-    parts = spec[3:].strip("/").split("/")
-    if len(parts) < 2:
-        raise ValueError(f"--weights {spec}: write hf:OWNER/REPO or hf:OWNER/REPO/FILE")
-    repo, filenames = "/".join(parts[:2]), (["/".join(parts[2:])] if len(parts) > 2 else list(HF_DEFAULT_FILES))
-    errors = []
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo, filename))
-        except Exception as err:  # noqa: BLE001 - hub errors vary (offline, gated, missing); report them all
-            errors.append(f"{filename}: {type(err).__name__}")
-    raise RuntimeError(f"could not download a checkpoint from Hugging Face repo {repo} ({'; '.join(errors)}); check the name, HF_TOKEN, or use a local path")
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch checkpoint, unwrapped and without DDP's `module.` prefix."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    """The tensors of a .safetensors or torch checkpoint (the encoders' reader: unwrapped, without DDP's
+    `module.` prefix); other entries of the dict are dropped."""
+    return {k: v for k, v in encoder_weights.read_state_dict(path).items() if isinstance(v, torch.Tensor)}
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, Any]:
