@@ -103,28 +103,43 @@ def write_tissue_image(tissue_image: TissueImage, path) -> Path:
     return path
 
 
-def _tissue_mask(product, wsi: WSI) -> tuple[np.ndarray, float, float]:
-    """(mask, level-0 px per mask column, per mask row) from a TissueImage, a Tissue, or a path to either."""
+@dataclass(frozen=True)
+class TissueMask:
+    """A slide's tissue mask ready for sampling: the mask, level-0 px per mask column and per mask row,
+    and the flat indices of its tissue pixels."""
+
+    mask: np.ndarray
+    scale_x: float
+    scale_y: float
+    pixels: np.ndarray
+
+
+def tissue_mask(product, wsi: WSI) -> TissueMask:
+    """The TissueMask of a TissueImage, a Tissue, or a path to either (build it once per slide when
+    drawing regions several times)."""
     if isinstance(product, (str, Path)):
         product = TissueImage.load(product) if Path(product).is_dir() else Tissue.load(product)
     if isinstance(product, TissueImage):
-        return product.mask, product.level0_scale, product.level0_scale
-    if isinstance(product, Tissue):
+        mask, scale_x, scale_y = product.mask, product.level0_scale, product.level0_scale
+    elif isinstance(product, Tissue):
         width, height = wsi.size_at(LowresParams().mpp)
-        return product.mask(width, height), wsi.dimensions[0] / width, wsi.dimensions[1] / height
-    raise TypeError(f"expected a TissueImage, a Tissue or a path to one, got {type(product).__name__}")
+        mask, scale_x, scale_y = product.mask(width, height), wsi.dimensions[0] / width, wsi.dimensions[1] / height
+    else:
+        raise TypeError(f"expected a TissueImage, a Tissue or a path to one, got {type(product).__name__}")
+    return TissueMask(mask, scale_x, scale_y, np.flatnonzero(mask))
 
 
-def random_regions(wsi: WSI, tissue_mask_product, n: int, size: int, mpp: float, seed: int) -> np.ndarray:
+def random_regions(wsi: WSI, tissue, n: int, size: int, mpp: float, seed: int) -> np.ndarray:
     """(n, size, size, 3) uint8 regions of `size` px at `mpp`, centred on random tissue points.
 
-    Centres are drawn uniformly over the tissue area (seeded), so the CAMELYON16 protocol is
+    `tissue`: a TissueMask, or what `tissue_mask` takes. Centres are drawn uniformly over the tissue
+    area (seeded), so the CAMELYON16 protocol is
     `random_regions(wsi, tissue_image, 100, 2048, MAGNIFICATION_MPP[20], seed)`. Regions may overlap.
     """
     if n <= 0 or size <= 0:
         raise ValueError(f"n and size must be positive, got n={n}, size={size}")
-    mask, scale_x, scale_y = _tissue_mask(tissue_mask_product, wsi)
-    tissue_pixels = np.flatnonzero(mask)
+    sampler = tissue if isinstance(tissue, TissueMask) else tissue_mask(tissue, wsi)
+    mask, scale_x, scale_y, tissue_pixels = sampler.mask, sampler.scale_x, sampler.scale_y, sampler.pixels
     if len(tissue_pixels) == 0:
         raise SlideError("its tissue mask is empty; nothing to sample", stage="regions", slide=wsi.slide_id)
     rng = np.random.default_rng(seed)

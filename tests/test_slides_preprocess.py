@@ -8,7 +8,7 @@ import pytest
 
 import datasets.preprocess as preprocess_module
 from datasets.cache import atomic_path, params_key, slide_key
-from datasets.lowres import LowresParams, TissueImage, random_regions
+from datasets.lowres import LowresParams, TissueImage, random_regions, tissue_mask
 from datasets.patches import PatchParams, read_coords
 from datasets.preprocess import preprocess_slides
 from datasets.quarantine import Quarantine
@@ -150,6 +150,8 @@ def test_random_regions_are_centred_in_tissue_and_seeded(cohort, tmp_path):
         regions = random_regions(wsi, image, 12, 32, 1.0, seed=0)
         again = random_regions(wsi, done["tif"].lowres, 12, 32, 1.0, seed=0)
         other = random_regions(wsi, Tissue.load(done["tif"].tissue), 12, 32, 1.0, seed=1)
+        prebuilt = random_regions(wsi, tissue_mask(image, wsi), 12, 32, 1.0, seed=0)  # mask built once, reused
+    np.testing.assert_array_equal(prebuilt, regions)
     assert regions.shape == (12, 32, 32, 3) and regions.dtype == np.uint8
     np.testing.assert_array_equal(regions, again)
     assert not np.array_equal(regions, other)

@@ -245,16 +245,17 @@ class PixelMambaMethod(Method):
     def _random_region_pixels(self, wsi_path: Path, tissue: Path, n: int, seed: int) -> Iterator[torch.Tensor]:
         """`n` random regions of the slide as model inputs, read a few at a time (a 2048-px region is
         12 MB, a slide's 100 of them 1.2 GB)."""
-        from datasets.lowres import random_regions
+        from datasets.lowres import random_regions, tissue_mask
         from datasets.slides import MAGNIFICATION_MPP, WSI
 
         if self.cfg.region_magnification not in MAGNIFICATION_MPP:
             raise ValueError(f"pixel_mamba: region_magnification must be one of {sorted(MAGNIFICATION_MPP)}")
         mpp = MAGNIFICATION_MPP[self.cfg.region_magnification]
         with WSI.open(wsi_path, default_mpp=self._default_mpp) as wsi:
+            mask = tissue_mask(tissue, wsi)  # once per slide, not per read
             for start in range(0, n, REGIONS_PER_READ):
                 count = min(REGIONS_PER_READ, n - start)
-                for image in random_regions(wsi, tissue, count, self.cfg.region_size, mpp, seed=seed * 1_000_003 + start):
+                for image in random_regions(wsi, mask, count, self.cfg.region_size, mpp, seed=seed * 1_000_003 + start):
                     yield torch.from_numpy(image_region_pixels(image, self.cfg.min_tissue))
 
 
