@@ -20,10 +20,6 @@ class Task:
     description: str = ""
 
     @property
-    def primary_metric(self) -> str:
-        return "c_index" if self.kind == "survival" else "auc"
-
-    @property
     def label_columns(self) -> tuple[str, ...]:
         return ("time", "event") if self.kind == "survival" else ("label",)
 

@@ -65,11 +65,3 @@ class PatchEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
-
-    def describe(self) -> dict:
-        return {
-            "encoder": self.name,
-            "embed_dim": self.embed_dim,
-            "weights": self.weights,
-            "preprocessing": self.preprocess.describe(),
-        }

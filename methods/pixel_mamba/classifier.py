@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from methods.pixel_mamba.layers import TABLES, output_shape
 from methods.pixel_mamba.model import NORM_EPS, Block
 from methods.pixel_mamba.token_ops import deserialize, fusion_schedule, serialize, token_expansion, zigzag_region_order
+from methods.ssm.mixer import no_weight_decay_names
 
 MODEL_SIZES = {"pixel_mamba_6m": "6m", "pixel_mamba_21m": "21m"}
 
@@ -74,7 +75,7 @@ class PixelMambaClassifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters timm's optimizer factory keeps out of weight decay: those the mixer
         marks `_no_weight_decay` (mamba_ssm's convention: the SSM's A_log and D)."""
-        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return no_weight_decay_names(self)
 
     def image_regions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, n, R, R, 3): the image's R x R regions in zigzag order over the grid."""

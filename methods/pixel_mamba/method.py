@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from benchmark import checkpoint, distributed
@@ -36,6 +35,7 @@ from methods.losses import survival_bin_edges, survival_bins, survival_risk, tas
 from methods.pixel_mamba.model import PixelMamba, pixel_mamba
 from methods.pixel_mamba.token_ops import cut_regions, zigzag_region_order
 from methods.pixel_mamba.weights import load_weights
+from methods.ssm.mixer import no_weight_decay_names
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +379,9 @@ def train_model(
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and the parameters Mamba marks (A_log, D), as Vim/DeiT train."""
-    marked = [name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)]
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=marked)
+    from timm.optim import param_groups_weight_decay  # timm only when training: not on every CLI start
+
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=sorted(no_weight_decay_names(model)))
 
 
 @torch.no_grad()

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from methods.encoders.base import IMAGENET_MEAN, IMAGENET_STD  # the paper pretrains on ImageNet-1K: its input statistics
 from methods.pixel_mamba.layers import TABLES, LayerSpec, output_shape
 from methods.pixel_mamba.token_ops import deserialize, fusion_schedule, region_fusion, serialize, token_expansion
 from methods.ssm.mixer import BiMambaMixer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the paper pretrains on ImageNet-1K: its input statistics
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_EPS = 1e-5  # Vision Mamba's RMSNorm epsilon
 
 

@@ -29,6 +29,12 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Names of the parameters the mixers mark `_no_weight_decay` (mamba_ssm's convention: A_log, D),
+    for optimiser groups."""
+    return {name for name, p in module.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+
 def _fp32_or_wider(param):
     # The scan takes A, D and the dt bias in fp32 (as mamba_ssm), or fp64 for a float64 module.
     return param.to(torch.promote_types(param.dtype, torch.float32))
