@@ -74,11 +74,12 @@ def generate_synthetic_cohort(
     Returns `root`."""
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "seed": seed, "n_patients": n_patients, "slide_size": list(slide_size)}
-    if _existing_params(root) == params:
+    existing = _existing_params(root)
+    if existing == params:
         return root
-    if _existing_params(root) is not None:
+    if existing is not None:
         raise ValueError(
-            f"{root} holds a synthetic cohort made with {_existing_params(root)}, not {params}; "
+            f"{root} holds a synthetic cohort made with {existing}, not {params}; "
             "choose another --data-root or delete that folder"
         )
     if n_patients < 4:

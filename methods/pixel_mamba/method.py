@@ -133,14 +133,13 @@ class PixelMambaMethod(Method):
         self._default_mpp = ctx.default_mpp
         products = ("tissue",) if self.cfg.protocol == "regions" else ("tissue", "lowres")
         quarantine = Quarantine(ctx.out_dir / "quarantine" / f"{cohort.name}.csv")
-        self._products = preprocess_slides(
+        self._products = preprocess_slides(  # writes the quarantine file itself
             cohort.slides[["slide_id", "path"]], ctx.cache_dir, products=products,
             tissue=TISSUE_PRESETS[self.cfg.tissue_preset] if self.cfg.tissue_preset else cohort.tissue_params(),
             lowres=LowresParams(mpp=self.cfg.lowres_mpp, region_size=REGION_SIZE, min_tissue=self.cfg.min_tissue),
             workers=ctx.num_workers, default_mpp=ctx.default_mpp, strict=ctx.strict, progress=ctx.progress,
             quarantine=quarantine,
         )
-        quarantine.write()
 
     def _sources(self, slide_ids: list[str], paths: list[str]) -> tuple[list, list[str]]:
         """The usable inputs of a patient's slides, and the slides that have none."""
