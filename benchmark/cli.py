@@ -105,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.leaderboard or args.combine is not None:
         from benchmark import combine, leaderboard
+        from benchmark.results import iter_results
 
-        paths = leaderboard.build(args.out, args.leaderboard_dir)
+        records = list(iter_results(args.out))  # read once for the leaderboards and the combined table
+        paths = leaderboard.build(args.out, args.leaderboard_dir, records)
         if not paths:
             print(f"no results under {args.out / 'results'}; run a benchmark first", file=sys.stderr)
             return EXIT_USAGE
         if args.combine is not None:
             try:
-                paths += combine.write_combined(args.out, args.leaderboard_dir, args.combine)
+                paths += combine.write_combined(records, args.leaderboard_dir, args.combine)
             except ValueError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return EXIT_USAGE

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from benchmark.leaderboard import METRIC_TITLES, fold_table, fmt, summarise, table_kind
 from benchmark.metrics import metric_names
-from benchmark.results import atomic_write_text, iter_results
+from benchmark.results import atomic_write_text
 
 COLUMNS = {"classification": ("auc", "accuracy"), "survival": ("c_index",)}
 RANDOM_MARK = "†"
@@ -175,11 +175,9 @@ def to_latex(groups: list[Group], methods: list[str]) -> str:
     ])
 
 
-def write_combined(out_dir: Path, leaderboard_dir: Path, items: list[str]) -> list[Path]:
-    """Write combined.md and combined.tex for the DATASET:TASK items (none: every table with results)."""
-    records = list(iter_results(out_dir))
-    if not records:
-        raise ValueError(f"no results under {Path(out_dir) / 'results'}; run a benchmark first")
+def write_combined(records: list[dict], leaderboard_dir: Path, items: list[str]) -> list[Path]:
+    """Write combined.md and combined.tex for the DATASET:TASK items (none: every table with results),
+    from the result records the leaderboards were built from."""
     folds = fold_table(records)
     available = sorted(set(zip(folds["dataset"], folds["task"])))
     groups = collect(folds, parse_selection(items, available))

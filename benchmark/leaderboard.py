@@ -458,11 +458,12 @@ def load_plan(out_dir: Path, dataset: str, task: str) -> set[str]:
     return set(json.loads(path.read_text())) if path.exists() else set()
 
 
-def build(out_dir: Path, leaderboard_dir: Path) -> list[Path]:
-    """(Re)write every leaderboard, its pictures and the index from the result files under out_dir.
+def build(out_dir: Path, leaderboard_dir: Path, records: list[dict] | None = None) -> list[Path]:
+    """(Re)write every leaderboard, its pictures and the index from the result files under out_dir
+    (`records`: those files, when the caller has read them already).
 
     Returns the Markdown paths: one per (dataset, task), then the index."""
-    records = list(iter_results(out_dir))
+    records = list(iter_results(out_dir)) if records is None else records
     if not records:
         return []
     folds = fold_table(records)
