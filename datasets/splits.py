@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from datasets.cache import atomic_path
 from datasets.cohorts.base import Cohort, Fold, SplitProvider, Task
 
 SPLIT_MODES = ("default", "generate")
@@ -166,9 +167,8 @@ def write_split_dir(folds: Sequence[Fold], directory: Path) -> Path:
     for fold in folds:
         columns = {part: pd.Series(ids, dtype=object) for part, ids in fold.partitions().items()}
         table = pd.concat(columns, axis=1)
-        tmp = directory / f".splits_{fold.index}.csv.part"
-        table.to_csv(tmp)
-        tmp.replace(directory / f"splits_{fold.index}.csv")
+        with atomic_path(directory / f"splits_{fold.index}.csv") as tmp:
+            table.to_csv(tmp)
     return directory
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from datasets.cache import atomic_path
 from datasets.testing import write_pyramidal_tiff
 
 GENERATOR_VERSION = 1
@@ -170,9 +171,8 @@ def _existing_params(root: Path) -> dict | None:
 def _write_slide_job(job: tuple[SlidePlan, Path, tuple[int, int]]) -> None:
     plan, root, slide_size = job
     annotation = write_slide(root / "slides" / f"{plan.slide_id}.tiff", plan, slide_size)
-    tmp = root / "annotations" / f".{plan.slide_id}.{os.getpid()}.part.png"
-    cv2.imwrite(str(tmp), annotation)
-    os.replace(tmp, root / "annotations" / f"{plan.slide_id}.png")
+    with atomic_path(root / "annotations" / f"{plan.slide_id}.png") as tmp:
+        cv2.imwrite(str(tmp), annotation)
 
 
 def write_slide(path: Path, plan: SlidePlan, slide_size: tuple[int, int], *, mpp: float = LEVEL0_MPP,
@@ -182,10 +182,8 @@ def write_slide(path: Path, plan: SlidePlan, slide_size: tuple[int, int], *, mpp
     so that OpenSlide reads it with its Aperio driver. Returns the label map at the lowest level."""
     image20, label_map = draw_slide(plan, (slide_size[0] // 2, slide_size[1] // 2))
     level0 = cv2.resize(image20, tuple(slide_size), interpolation=cv2.INTER_LINEAR)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # two processes may generate at once
-    write_pyramidal_tiff(tmp, level0, mpp, levels=N_LEVELS, aperio=aperio, app_mag=40 if aperio else None)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # two processes may generate at once
+        write_pyramidal_tiff(tmp, level0, mpp, levels=N_LEVELS, aperio=aperio, app_mag=40 if aperio else None)
     small = (slide_size[0] // 2 ** (N_LEVELS - 1), slide_size[1] // 2 ** (N_LEVELS - 1))
     return cv2.resize(label_map, small, interpolation=cv2.INTER_NEAREST)
 
@@ -266,6 +264,5 @@ def _draw_nuclei(canvas, region, rng, *, area_per_nucleus: float, radius: tuple[
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

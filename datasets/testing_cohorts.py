@@ -85,7 +85,7 @@ def make_tcga_download(
         if layout == "gdc":  # the GDC client keeps a transfer log beside each file
             (folder / "logs").mkdir(parents=True, exist_ok=True)
             (folder / "logs" / f"{plan.slide_id}.svs.parcel").write_text("")
-        _write(folder / f"{plan.slide_id}.svs", plan, slide_size, TCGA_MPP, aperio=True)
+        write_slide(folder / f"{plan.slide_id}.svs", plan, slide_size, mpp=TCGA_MPP, aperio=True)
     return FakeRelease(root, sorted(set(patients)), sorted(rows["slide_id"]), unlabelled=[extra])
 
 
@@ -129,10 +129,10 @@ def make_camelyon16_release(
             release.renamed[name] = slide_id
         burden = 0.3 if labels.loc[slide_id, "label"] == 1 else 0.0
         plan = SlidePlan(slide_id, slide_id, (seed, 2000 + i, 0), burden)
-        _write(_camelyon_folder(root, name, layout) / f"{name}.tif", plan, slide_size, CAMELYON16_MPP)
+        write_slide(_camelyon_folder(root, name, layout) / f"{name}.tif", plan, slide_size, mpp=CAMELYON16_MPP)
     if quirks:
         plan = SlidePlan("test_049", "test_049", (seed, 2999, 0), 0.3)
-        _write(_camelyon_folder(root, "test_049", layout) / "test_049.tif", plan, slide_size, CAMELYON16_MPP)
+        write_slide(_camelyon_folder(root, "test_049", layout) / "test_049.tif", plan, slide_size, mpp=CAMELYON16_MPP)
         release.excluded.append("test_049")
         tumour = next(s for s in picked if s.startswith("tumor_"))
         official = layout == "official"
@@ -162,8 +162,3 @@ def _spread(ids: pd.Index, n: int) -> list[str]:
 def _uuid(rng: np.random.Generator) -> str:
     """A random (version 4) UUID from the seeded generator, as GDC file ids and TCGA slide names use."""
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
-
-
-def _write(path: Path, plan: SlidePlan, slide_size: tuple[int, int], mpp: float, *, aperio: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_slide(path, plan, slide_size, mpp=mpp, aperio=aperio)
