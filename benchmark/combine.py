@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.leaderboard import METRIC_TITLES, fold_table, fmt, summarise, table_kind
-from benchmark.metrics import metric_names
+from benchmark.leaderboard import METRIC_TITLES, fold_table, fmt, summarise, table_metrics
 from benchmark.results import atomic_write_text
 
 COLUMNS = {"classification": ("auc", "accuracy"), "survival": ("c_index",)}
@@ -54,12 +53,9 @@ def collect(folds: pd.DataFrame, selection: list[tuple[str, str]]) -> list[Group
     groups = []
     for dataset, task in selection:
         part = folds[(folds["dataset"] == dataset) & (folds["task"] == task)].copy()
-        kind = table_kind(part)
-        for m in metric_names(kind):
-            if m not in part.columns:
-                part[m] = np.nan
+        kind, metrics = table_metrics(part)
         random = set(part.loc[part["weights"] == "random", "method"])
-        groups.append(Group(dataset, task, COLUMNS[kind], summarise(part, metric_names(kind)), random))
+        groups.append(Group(dataset, task, COLUMNS[kind], summarise(part, metrics), random))
     return groups
 
 

@@ -175,12 +175,19 @@ def shares_patients(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return bool(set(a["patient_id"]) & set(b["patient_id"]))
 
 
-def analyse(dataset: str, task: str, folds: pd.DataFrame, records: list[dict]) -> Board:
+def table_metrics(folds: pd.DataFrame) -> tuple[str, tuple[str, ...]]:
+    """The kind of one (dataset, task) table and its metric names; a metric column no result has is
+    added to `folds` as NaN."""
     kind = table_kind(folds)
     metrics = metric_names(kind)
     for m in metrics:
         if m not in folds.columns:
             folds[m] = np.nan
+    return kind, metrics
+
+
+def analyse(dataset: str, task: str, folds: pd.DataFrame, records: list[dict]) -> Board:
+    kind, metrics = table_metrics(folds)
     board = Board(dataset, task, kind, metrics, folds, summarise(folds, metrics), pooled_predictions(records, kind))
     board.intervals = {m: stats.bootstrap_ci(kind, rows) for m, rows in board.pooled.items()}
     best = board.best
