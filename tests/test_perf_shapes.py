@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from benchmark.perf import SIZES, distinct_shapes, layer_shapes, scan_bytes
+from benchmark.perf import SIZES, distinct_shapes, layer_shapes, mixer_bytes, scan_bytes
 from methods.pixel_mamba.layers import TABLES
 from methods.ssm.backends_gpu import MAX_STATE, MIN_LENGTH, STOCK_WINS_FROM_ROWS, triton_supports
 from methods.ssm.scan import ScanInfo
@@ -56,3 +56,15 @@ def _info(device="cuda", batch=1, channels=6, state=16, length=2**24, dtype=torc
 ])
 def test_triton_backend_takes_long_narrow_scans_only(change, expected):
     assert triton_supports(_info(**change)) is expected
+
+
+def test_mixer_bytes_counts_each_stage_once():
+    d, E, R, N, L = 3, 6, 1, 16, 1000
+    stages = [(3, 12),                                          # in_proj
+              *[(6, 6), (6, 33), (1, 6), (50, 6)] * 2,           # conv, x_proj, dt_proj, scan; 2 branches
+              (6, 3)]                                            # out_proj
+    forward = sum(i + o for i, o in stages)
+    backward = sum(2 * i + o for i, o in stages)
+    assert mixer_bytes(d, E, R, L, 2) == (forward + backward) * L * 2
+    # the scan stage alone is what scan_bytes counts
+    assert (3 * 50 + 2 * 6) * L * 2 == scan_bytes(E, L, 2, backward=True)

@@ -1,12 +1,14 @@
-"""Kernel path (mamba_ssm + causal_conv1d on CUDA) against the CPU reference path, fp32, forward and backward.
+"""Kernel paths on CUDA (mamba_ssm + causal_conv1d; our Triton scan and convolution) against the CPU
+reference path, fp32, forward and backward.
 
 Needs a GPU with the `gpu` extra installed; run on the device with `pytest tests/test_ssm_cuda.py -m cuda`."""
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from methods.ssm import BiMambaMixer, SRMambaMixer, cuda as ssm_cuda, selective_scan
+from methods.ssm import BiMambaMixer, SRMambaMixer, backends_gpu, cuda as ssm_cuda, selective_scan
 from methods.ssm.cuda import conv_kernel_available, scan_kernel_available
 
 pytestmark = [
@@ -70,11 +72,18 @@ def test_scan_kernel_last_state(monkeypatch):
 
 
 @pytest.mark.parametrize("mixer", [BiMambaMixer, SRMambaMixer])
-@pytest.mark.parametrize("split", [False, True])
-def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, split):
+@pytest.mark.parametrize("path,split", [("ours", False), ("stock", False), ("stock", True)])
+def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split):
+    """ours: the Triton scan and convolution where registered; stock: mamba_ssm and causal_conv1d only,
+    split along L (as past their 32-bit limits) when `split`."""
     if split:
         monkeypatch.setattr(ssm_cuda, "kernel_segment_length", lambda *shape: 2048)
         monkeypatch.setattr(ssm_cuda, "conv_segment_length", lambda *shape: 1000)
+    with backends_gpu.triton_disabled() if path == "stock" else contextlib.nullcontext():
+        _check_mixer_against_cpu(mixer)
+
+
+def _check_mixer_against_cpu(mixer):
     torch.manual_seed(0)
     cpu = mixer(24)
     gpu = copy.deepcopy(cpu).cuda()

@@ -1,9 +1,10 @@
 """Registers the sequence-parallel Triton scan (methods/ssm/triton_scan.py) as the "triton" backend of
-`methods.ssm.scan.selective_scan`, and says by shape where it beats mamba-ssm's stock kernel.
+`methods.ssm.scan.selective_scan`, and says by shape where it beats mamba-ssm's stock kernel; switches
+Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA.
 
     from methods.ssm import backends_gpu
     backends_gpu.register()          # idempotent; a no-op without CUDA or Triton
-    with backends_gpu.triton_disabled():   # "auto" falls back to the stock kernel (benchmarks)
+    with backends_gpu.triton_disabled():   # the stock kernels (mamba-ssm, causal-conv1d): benchmarks
         ...
 """
 from __future__ import annotations
@@ -47,18 +48,36 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+_conv_enabled = False
+
+
+def triton_conv(x, weight, bias=None):
+    """The Triton short convolution where it is registered and x is on CUDA, else None."""
+    if not (_conv_enabled and x.is_cuda):
+        return None
+    from methods.ssm.triton_conv import causal_conv1d_silu_triton  # imports triton: only when used
+
+    return causal_conv1d_silu_triton(x, weight, bias)
+
+
 def register() -> bool:
-    """Register the "triton" backend where it can run; returns whether it did."""
+    """Register the "triton" scan backend and the Triton convolution where they can run; returns
+    whether it did."""
+    global _conv_enabled
     if not triton_available():
         return False
     register_backend("triton", triton_scan, triton_supports, TRITON_PRIORITY)
+    _conv_enabled = True
     return True
 
 
 @contextmanager
 def triton_disabled():
-    """Inside this block "auto" never picks the Triton scan (to time the stock path side by side)."""
+    """Inside this block "auto" never picks the Triton scan and the convolution runs causal-conv1d's
+    kernel (to time the stock path side by side)."""
+    global _conv_enabled
     register_backend("triton", triton_scan, lambda info: False, TRITON_PRIORITY)
+    _conv_enabled = False
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from methods.ssm import backends_gpu
 from methods.ssm.scan import ScanInfo, compute_dtype, effective_delta, final_state, initial_state_readout
 
 INT32_MAX = 2**31 - 1
@@ -167,8 +168,12 @@ def conv_segment_length(batch: int, channels: int, length: int, width: int) -> i
 def causal_conv1d_silu(x, weight, bias=None):
     """silu(causal depthwise conv1d): x (batch, E, L), weight (E, 1, width) as nn.Conv1d's, bias (E,).
 
-    causal_conv1d's kernel on CUDA when installed (split along L past its limits, each segment with
-    the width - 1 tokens before it as context, so exact), F.conv1d elsewhere."""
+    On CUDA: our Triton kernel when registered (methods.ssm.backends_gpu; fast at any shape), else
+    causal_conv1d's kernel when installed (split along L past its limits, each segment with the
+    width - 1 tokens before it as context, so exact); F.conv1d elsewhere."""
+    y = backends_gpu.triton_conv(x, weight, bias)
+    if y is not None:
+        return y
     width = weight.shape[-1]
     fn = _import_causal_conv1d()[0] if x.is_cuda else None
     if fn is None:

@@ -1,0 +1,55 @@
+"""The Triton scan's kernels in Triton's interpreter on the CPU (so CI without a GPU checks them): output,
+last state and every gradient against the float64 oracle, with several segments, two channel blocks
+(dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
+the same kernels are tests/test_triton_scan.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def check_scan() -> None:
+    from methods.ssm import triton_scan
+    from methods.ssm.scan import selective_scan_ref
+
+    triton_scan.TARGET_PROGRAMS = 12  # 2 channel blocks x 6 segments of a short sequence
+    gen = torch.Generator().manual_seed(0)
+    batch, channels, length, state = 2, 12, 101, 16
+
+    def draw(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+    values = {"u": draw(batch, channels, length), "delta": draw(batch, channels, length, scale=0.5, shift=-1.0),
+              "A": -torch.exp(draw(channels, state, scale=0.5)), "B": draw(batch, state, length),
+              "C": draw(batch, state, length), "D": draw(channels), "z": draw(batch, channels, length),
+              "delta_bias": draw(channels, scale=0.3)}
+    ins = {k: v.float().requires_grad_(True) for k, v in values.items()}
+    oracle = {k: v.clone().requires_grad_(True) for k, v in values.items()}
+    out, last = triton_scan.selective_scan_triton(**ins, delta_softplus=True, return_last_state=True)
+    ref, ref_last = selective_scan_ref(**oracle, delta_softplus=True, return_last_state=True)
+    dout = draw(batch, channels, length)
+    grads = torch.autograd.grad(out, list(ins.values()), dout.float())
+    ref_grads = torch.autograd.grad(ref, list(oracle.values()), dout)
+    pairs = {"out": (out, ref), "last": (last, ref_last),
+             **{"d" + name: pair for name, pair in zip(NAMES, zip(grads, ref_grads))}}
+    for name, (got, want) in pairs.items():
+        err = ((got.detach().double() - want).norm() / want.norm()).item()
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_scan_matches_float64_oracle_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    check_scan()
