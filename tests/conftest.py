@@ -22,3 +22,24 @@ def toy_registries(monkeypatch):
     monkeypatch.setitem(METHODS._entries, "toy", Entry("toy", "toy method", ToyMethod))
     monkeypatch.setitem(METHODS._entries, "toy2", Entry("toy2", "toy method, more noise",
                                                         lambda **kw: ToyMethod(**{"noise": 3.0, **kw})))
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Run a test file as a script in Triton's interpreter on the CPU (TRITON_INTERPRET is read when the
+    kernels are defined, hence a fresh process); fails the test with the script's output if it fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(script: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo), CUDA_VISIBLE_DEVICES="")
+        done = subprocess.run([sys.executable, script], env=env, cwd=repo, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    return run

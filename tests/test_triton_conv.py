@@ -4,16 +4,10 @@ blocks, lengths that are no multiple of the token block, with and without bias.
 
 On CUDA the kernels run on the GPU; on the CPU the same checks run in Triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess because the variable is read when the kernels are defined)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
 # (batch, channels, length, strided input, bias, dtype, tolerance)
 CASES = [(2, 6, 700, True, True, torch.float32, 1e-5),
          (1, 40, 300, False, False, torch.float32, 1e-5),   # two channel blocks of 32
@@ -63,12 +57,8 @@ def test_conv_matches_float64_conv1d_on_gpu():
     check_conv("cuda")
 
 
-def test_conv_matches_float64_conv1d_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+def test_conv_matches_float64_conv1d_in_the_triton_interpreter(triton_interpreter):
+    triton_interpreter(__file__)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,8 @@
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
 the same kernels are tests/test_triton_scan.py."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -43,12 +36,8 @@ def check_scan() -> None:
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
-def test_scan_matches_float64_oracle_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+def test_scan_matches_float64_oracle_in_the_triton_interpreter(triton_interpreter):
+    triton_interpreter(__file__)
 
 
 if __name__ == "__main__":
