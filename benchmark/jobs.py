@@ -68,11 +68,18 @@ def plan(methods: dict, cohort: Cohort, task: Task, folds: list[Fold], seeds: li
         for fold in folds:
             for seed in seeds:
                 job = Job(name, cohort.name, task.name, fold.index, seed)
-                config = job_config(job, method_config, cohort, fold, len(folds), max_epochs, weights, task.kind)
-                digest = config_hash(config)
-                path = result_path(out_dir, job.dataset, job.task, job.method, job.fold, job.seed)
-                planned.append(PlannedJob(job, config, digest, path, _is_done(path, digest)))
+                planned.append(plan_job(job, method_config, cohort, task, fold, len(folds), out_dir,
+                                        max_epochs, weights))
     return planned
+
+
+def plan_job(job: Job, method_config: dict, cohort: Cohort, task: Task, fold: Fold, n_folds: int,
+             out_dir: Path, max_epochs: int | None, weights: str | None) -> PlannedJob:
+    """One job's config, hash, result file and whether that file already holds it; reads no other file."""
+    config = job_config(job, method_config, cohort, fold, n_folds, max_epochs, weights, task.kind)
+    digest = config_hash(config)
+    path = result_path(out_dir, job.dataset, job.task, job.method, job.fold, job.seed)
+    return PlannedJob(job, config, digest, path, _is_done(path, digest))
 
 
 def _is_done(path: Path, digest: str) -> bool:

@@ -3,6 +3,7 @@ write one result file per job, rebuild the leaderboards."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 import time
 import traceback
@@ -82,9 +83,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_cohort(opts: RunOptions) -> Cohort:
-    cache_dir = opts.cache_dir or default_cache_dir()
-    return DATASETS.create(opts.dataset, data_root=opts.data_root, cache_dir=cache_dir,
-                           seed=opts.split_seed, splits=opts.splits)
+    kwargs = dict(data_root=opts.data_root, cache_dir=opts.cache_dir or default_cache_dir(), seed=opts.split_seed,
+                  splits=opts.splits)
+    # a cohort that makes its data on first use (the synthetic one) shows a progress bar unless told not to
+    if "progress" in inspect.signature(DATASETS.get(opts.dataset).obj).parameters:
+        kwargs["progress"] = opts.progress
+    return DATASETS.create(opts.dataset, **kwargs)
 
 
 def build_methods(opts: RunOptions) -> dict[str, Method]:
@@ -211,14 +215,21 @@ class RunState:
 
 def make_plan(opts: RunOptions) -> RunState:
     """Build the cohort, its folds (audited) and the methods, and plan the jobs. Runs nothing."""
+    state = build_state(opts)
+    state.planned = plan(state.methods, state.cohort, state.task, state.folds, opts.seeds, Path(opts.out_dir),
+                         opts.max_epochs, opts.weights)
+    return state
+
+
+def build_state(opts: RunOptions) -> RunState:
+    """The cohort, its folds (audited) and the methods, with no job planned: planning reads the result
+    file of every job, which a process that runs one job does not need."""
     load_all()
     load_plugins(opts.plugins)
     cohort = build_cohort(opts)
     task = cohort.task(opts.task)
     folds = cohort.folds(task, opts.n_folds, opts.split_seed)
-    methods = build_methods(opts)
-    planned = plan(methods, cohort, task, folds, opts.seeds, Path(opts.out_dir), opts.max_epochs, opts.weights)
-    return RunState(cohort, task, folds, methods, planned)
+    return RunState(cohort, task, folds, build_methods(opts), [])
 
 
 def load_plugins(modules: list[str]) -> None:

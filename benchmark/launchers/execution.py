@@ -3,9 +3,10 @@ process, in a worker process of the local launcher, or in a SLURM task.
 
 A job that runs elsewhere is described by a `JobSpec` (plain JSON): the run's options, the job's
 identity and the config hash it was planned with. The executing process rebuilds cohort, folds and
-method from the options (plugins included), checks that the config hash is unchanged, runs the job
-and writes its result file. Under torch.distributed only rank 0 writes a successful result; a rank
-that fails writes the failure record itself and exits at once, so that the launcher stops the others.
+method from the options (plugins included) and that one job (not the method's whole plan: that would
+read every job's result file), checks that the config hash is unchanged, runs the job and writes its
+result file. Under torch.distributed only rank 0 writes a successful result; a rank that fails writes
+the failure record itself and exits at once, so that the launcher stops the others.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from pathlib import Path
 
 from benchmark import checkpoint, distributed, provenance
 from benchmark.api import Method
-from benchmark.jobs import Job, PlannedJob, _is_done
+from benchmark.jobs import Job, PlannedJob, _is_done, plan_job
 from benchmark.locks import JobLock, lock_path
 from benchmark.results import atomic_write_text, read_result, write_result
-from benchmark.runner import RunOptions, RunState, build_methods, context, execute_job, job_dir, make_plan, prepare
+from benchmark.runner import RunOptions, RunState, build_methods, build_state, context, execute_job, job_dir, prepare
 
 REPO_ROOT = provenance.REPO_ROOT  # launched processes run from the checkout
 
@@ -90,6 +91,15 @@ def is_out_of_memory(record: dict) -> bool:
     return record.get("status") == "failed" and ("OutOfMemoryError" in error or "out of memory" in error.lower())
 
 
+def retry_overrides_after(record: dict, method: Method, retry_oom: bool, already_retried: bool) -> dict:
+    """The settings to run the job once more with after this attempt's record, {} for no retry: only an
+    out-of-memory failure under --retry-oom, of a method that declares lighter settings, and only once
+    (`already_retried`: this attempt was the retry)."""
+    if already_retried or not (retry_oom and is_out_of_memory(record)):
+        return {}
+    return oom_retry_overrides(method)
+
+
 def failure_record(planned: PlannedJob, error: str) -> dict:
     return {"job": planned.job.__dict__, "config": planned.config, "config_hash": planned.config_hash,
             "status": "failed", "error": error, "finished_at": datetime.now(timezone.utc).isoformat()}
@@ -107,6 +117,22 @@ def annotate(record: dict, spec_attempt: str, launch: dict, retry_overrides: dic
 
 def build_method(opts: RunOptions, name: str, extra_overrides: dict) -> Method:
     return build_methods(dataclasses.replace(opts, methods=[name], overrides={**opts.overrides, **extra_overrides}))[name]
+
+
+class OverridesRefused(Exception):
+    """The method cannot be built with an out-of-memory retry's settings (the message says why)."""
+
+
+def prepared_attempt(opts: RunOptions, state: RunState, planned: PlannedJob, retry_overrides: dict) -> dict:
+    """Prepare the job's method and run the job in this process; with `retry_overrides` (an out-of-memory
+    retry) the method is first rebuilt with them, and OverridesRefused is raised when it does not take them."""
+    method = state.methods[planned.job.method]
+    if retry_overrides:
+        try:
+            method = build_method(opts, planned.job.method, retry_overrides)
+        except Exception as err:
+            raise OverridesRefused(f"{type(err).__name__}: {err}") from err
+    return run_attempt(opts, state, planned, method, prepare(method, state.cohort, context(opts)))
 
 
 def run_attempt(opts: RunOptions, state: RunState, planned: PlannedJob, method: Method,
@@ -141,6 +167,15 @@ def is_done(planned: PlannedJob) -> bool:
     return _is_done(planned.path, planned.config_hash)
 
 
+def plan_one(opts: RunOptions, state: RunState, job: Job) -> PlannedJob:
+    """The job as `benchmark.jobs.plan` plans it (config, hash, result file, done), reading no other
+    job's result file: a job process needs only its own job, and planning the method's every job in each
+    of hundreds of job processes would read the results folder quadratically often."""
+    fold = next(f for f in state.folds if f.index == job.fold)
+    return plan_job(job, state.methods[job.method].config(), state.cohort, state.task, fold,
+                    len(state.folds), opts.out_dir, opts.max_epochs, opts.weights)
+
+
 # ---- in a worker process / SLURM task -----------------------------------------------------------
 def execute_spec(spec: JobSpec) -> str:
     """Run the spec in this process (a rank of the job when torchrun's environment says so).
@@ -156,7 +191,7 @@ def execute_spec(spec: JobSpec) -> str:
 
 
 def _prepare_stage(spec: JobSpec, opts: RunOptions, world: distributed.World) -> str:
-    state = make_plan(dataclasses.replace(opts, methods=[spec.method]))
+    state = build_state(dataclasses.replace(opts, methods=[spec.method]))
     error = prepare(state.methods[spec.method], state.cohort, context(opts))
     if world.is_main:
         status = {"status": "failed", "error": error} if error else {"status": "ok"}
@@ -168,10 +203,9 @@ def _prepare_stage(spec: JobSpec, opts: RunOptions, world: distributed.World) ->
 def _job(spec: JobSpec, opts: RunOptions, world: distributed.World) -> str:
     """Returns 'ok' / 'failed', or without running: 'held' (another runner has the job's lock) /
     'done' (finished by another runner since it was planned)."""
-    state = make_plan(dataclasses.replace(opts, methods=[spec.method]))
-    job = Job(**spec.job)
-    planned = next(p for p in state.planned if p.job == job)
-    lock = JobLock(lock_path(opts.out_dir, job.name)) if spec.lock_here else None
+    state = build_state(dataclasses.replace(opts, methods=[spec.method]))
+    planned = plan_one(opts, state, Job(**spec.job))
+    lock = JobLock(lock_path(opts.out_dir, planned.job.name)) if spec.lock_here else None
     if lock is not None:
         decision = "run"
         if world.is_main:
@@ -200,13 +234,8 @@ def _attempt(spec: JobSpec, opts: RunOptions, state: RunState, planned: PlannedJ
         record = failure_record(planned, f"the job's config changed since it was planned ({spec.config_hash} -> "
                                          f"{planned.config_hash}: code, data or settings changed); rerun the benchmark")
     else:
-        method = state.methods[spec.method]
         try:
-            if spec.retry_overrides:
-                method = build_method(opts, spec.method, spec.retry_overrides)
-        except Exception as err:  # the method does not take the memory-saving setting
-            record = failure_record(planned, f"out-of-memory retry with {spec.retry_overrides} impossible: "
-                                             f"{type(err).__name__}: {err}")
-        else:
-            record = run_attempt(opts, state, planned, method, prepare(method, state.cohort, context(opts)))
+            record = prepared_attempt(opts, state, planned, spec.retry_overrides)
+        except OverridesRefused as err:  # the method does not take the memory-saving setting
+            record = failure_record(planned, f"out-of-memory retry with {spec.retry_overrides} impossible: {err}")
     return annotate(record, spec.attempt, spec.launch, spec.retry_overrides)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import IO
 
 from benchmark.jobs import PlannedJob
-from benchmark.launchers.execution import (REPO_ROOT, JobSpec, annotate, attempt_record, build_method,
-                                           failure_record, gpus_per_job, has_prepare, is_done,
-                                           is_out_of_memory, oom_retry_overrides, options_to_dict,
-                                           prepare_status_path, run_attempt, store)
+from benchmark.launchers.execution import (REPO_ROOT, JobSpec, OverridesRefused, annotate, attempt_record,
+                                           failure_record, gpus_per_job, has_prepare, is_done, options_to_dict,
+                                           prepare_status_path, prepared_attempt, retry_overrides_after,
+                                           run_attempt, store)
 from benchmark.launchers.progress import Counts, StatusLine
 from benchmark.launchers.worker import PARENT_ENV
 from benchmark.locks import JobLock, lock_path
@@ -131,7 +131,8 @@ def _run_locked(opts: RunOptions, state: RunState, summary: RunSummary, planned:
     method = state.methods[planned.job.method]
     try:
         record = run_attempt(opts, state, planned, method, prepare_error)
-        retry = oom_retry_overrides(method) if is_out_of_memory(record) and opts.retry_oom else {}
+        # the retry happens here and its record is final, so this record is never a retry's
+        retry = retry_overrides_after(record, method, opts.retry_oom, already_retried=False)
         if retry:
             status.say(f"{planned.job.name}: out of GPU memory; retrying once with {retry}")
             record = _retry(opts, state, planned, retry, record)
@@ -149,11 +150,10 @@ def _retry(opts: RunOptions, state: RunState, planned: PlannedJob, overrides: di
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # give back what the failed attempt held
     try:
-        method = build_method(opts, planned.job.method, overrides)
-    except Exception as err:  # the method does not take the setting: keep the out-of-memory record
-        first["error"] += f" (retry with {overrides} impossible: {type(err).__name__}: {err})"
+        return prepared_attempt(opts, state, planned, overrides)
+    except OverridesRefused as err:  # keep the out-of-memory record
+        first["error"] += f" (retry with {overrides} impossible: {err})"
         return first
-    return run_attempt(opts, state, planned, method, prepare(method, state.cohort, context(opts)))
 
 
 # ---- one process per job --------------------------------------------------------------------------
@@ -322,8 +322,9 @@ class ProcessQueue:
                                                            f"(killed, crashed, or out of host memory?); see {task.log}"),
                               task.spec.attempt, task.spec.launch, task.retry_overrides)
             store(self.opts, task.planned, record)
-        retry = oom_retry_overrides(self.state.methods[task.method])
-        if is_out_of_memory(record) and self.opts.retry_oom and retry and not task.retry_overrides:
+        retry = retry_overrides_after(record, self.state.methods[task.method], self.opts.retry_oom,
+                                      already_retried=bool(task.retry_overrides))
+        if retry:
             self.status.say(f"{task.planned.job.name}: out of GPU memory; retrying once with {retry}")
             self.pending.insert(0, Task("job", task.method, task.planned, task.width, task.lock, retry))
             self.counts.queued += 1

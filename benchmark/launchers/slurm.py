@@ -25,9 +25,8 @@ import submitit
 
 from benchmark.jobs import PlannedJob
 from benchmark.launchers.execution import (REPO_ROOT, JobSpec, annotate, attempt_record, execute_spec,
-                                           failure_record, gpus_per_job, has_prepare, is_done,
-                                           is_out_of_memory, oom_retry_overrides, options_to_dict,
-                                           prepare_status_path, store)
+                                           failure_record, gpus_per_job, has_prepare, is_done, options_to_dict,
+                                           prepare_status_path, retry_overrides_after, store)
 from benchmark.launchers.local import conclude
 from benchmark.launchers.progress import Counts, StatusLine
 from benchmark.locks import JobLock, lock_path
@@ -225,8 +224,9 @@ class SlurmQueue:
             with JobLock(lock_path(self.opts.out_dir, planned.job.name)):
                 if not is_done(planned):
                     store(self.opts, planned, record)
-        retry = oom_retry_overrides(self.state.methods[planned.job.method])
-        if is_out_of_memory(record) and self.opts.retry_oom and retry and not sub.spec.retry_overrides:
+        retry = retry_overrides_after(record, self.state.methods[planned.job.method], self.opts.retry_oom,
+                                      already_retried=bool(sub.spec.retry_overrides))
+        if retry:
             self.status.say(f"{planned.job.name}: out of GPU memory; resubmitting once with {retry}")
             self._submit([("job", planned.job.method, planned, sub.width, retry)])
             return
