@@ -23,6 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.cache import atomic_path, params_key, slide_key
+from datasets.cohorts.discovery import SLIDE_EXTENSIONS
 from datasets.lowres import LowresParams, build_tissue_image, write_tissue_image
 from datasets.patches import PatchParams, grid_for_slide, write_coords
 from datasets.quarantine import Quarantine
@@ -156,11 +157,13 @@ def _jobs(slides: pd.DataFrame, **common) -> list[_Job]:
     return [_Job(str(row.slide_id), str(row.path), **common) for row in slides.itertuples(index=False)]
 
 
-def _is_cached(job: _Job) -> bool:
+def _cached_products(job: _Job) -> SlideProducts | None:
+    """The job's products if all of them are cached, else None."""
     try:
-        return not _missing(planned_products(job))
+        planned = planned_products(job)
     except Exception:  # an unreadable path: let process_slide report it
-        return False
+        return None
+    return None if _missing(planned) else planned
 
 
 def _run(jobs: list[_Job], workers: int, progress: bool):
@@ -170,12 +173,12 @@ def _run(jobs: list[_Job], workers: int, progress: bool):
     the suite) would cost more than the whole cached pass."""
     bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
     with bar:
-        is_cached = [_is_cached(job) for job in jobs]
-        cached = [job for job, hit in zip(jobs, is_cached) if hit]
-        jobs = [job for job, hit in zip(jobs, is_cached) if not hit]
-        for job in cached:
-            yield process_slide(job)
-            bar.update()
+        cached = [_cached_products(job) for job in jobs]
+        for job, products in zip(jobs, cached):
+            if products is not None:
+                yield _Result(job.slide_id, products=products)  # what process_slide gives a cached slide
+                bar.update()
+        jobs = [job for job, products in zip(jobs, cached) if products is None]
         if workers <= 0 or not jobs:
             for job in jobs:
                 yield process_slide(job)
@@ -247,7 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--default-mpp", type=float, default=None, help="um/px for slides whose metadata has none")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad slide")
     parser.add_argument("--quarantine", type=Path, default=None, help="CSV of bad slides (default: <cache-dir>/quarantine.csv)")
-    parser.add_argument("--extensions", nargs="+", default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif"])
+    parser.add_argument("--extensions", nargs="+", default=list(SLIDE_EXTENSIONS))
     args = parser.parse_args(argv)
     if args.slides.is_dir():
         paths = sorted(p for p in args.slides.rglob("*") if p.suffix.lower() in args.extensions)

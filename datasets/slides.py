@@ -126,7 +126,22 @@ class WSI:
         if width <= 0 or height <= 0 or mpp <= 0:
             raise ValueError(f"read size and mpp must be positive, got {width}x{height} at {mpp} um/px")
         scale = mpp / self.mpp  # level-0 pixels per output pixel
-        level = self.best_level(scale)
+        return self._read_scaled(x0, y0, width, height, scale, self.best_level(scale))
+
+    def read_full(self, mpp: float) -> np.ndarray:
+        """The whole slide at `mpp` um/px, (H, W, 3) uint8."""
+        width, height = self.size_at(mpp)
+        return self.read_rect(0, 0, width, height, self.mpp * self.dimensions[0] / width)
+
+    def read_level(self, level: int) -> np.ndarray:
+        """One pyramid level as stored, (H, W, 3) uint8 (what CLAM segments)."""
+        width, height = self.level_dimensions[level]
+        # the level's own downsample as the scale: every block is read 1:1, never resized
+        return self._read_scaled(0, 0, width, height, self.level_downsamples[level], level)
+
+    def _read_scaled(self, x0: float, y0: float, width: int, height: int, scale: float, level: int) -> np.ndarray:
+        """(height, width, 3) output pixels of `scale` level-0 pixels each, starting at level-0 (x0, y0),
+        read from `level` and resized to the output."""
         downsample = self.level_downsamples[level]
         out = np.empty((height, width, 3), np.uint8)
         # Large requests are read block by block; each block maps to its own level-0 window.
@@ -137,23 +152,6 @@ class WSI:
                 lw, lh = max(1, round(w * scale / downsample)), max(1, round(h * scale / downsample))
                 block = self._read_level_region(round(bx), round(by), level, lw, lh)
                 out[top : top + h, left : left + w] = _resize(block, w, h)
-        return out
-
-    def read_full(self, mpp: float) -> np.ndarray:
-        """The whole slide at `mpp` um/px, (H, W, 3) uint8."""
-        width, height = self.size_at(mpp)
-        return self.read_rect(0, 0, width, height, self.mpp * self.dimensions[0] / width)
-
-    def read_level(self, level: int) -> np.ndarray:
-        """One pyramid level as stored, (H, W, 3) uint8 (what CLAM segments)."""
-        width, height = self.level_dimensions[level]
-        downsample = self.level_downsamples[level]
-        out = np.empty((height, width, 3), np.uint8)
-        for top in range(0, height, READ_BLOCK):
-            for left in range(0, width, READ_BLOCK):
-                h, w = min(READ_BLOCK, height - top), min(READ_BLOCK, width - left)
-                out[top : top + h, left : left + w] = self._read_level_region(
-                    round(left * downsample), round(top * downsample), level, w, h)
         return out
 
     def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:

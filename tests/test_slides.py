@@ -1,8 +1,10 @@
 """Slide access: MPP resolution, reads at a physical resolution, 20x vs 40x, broken files."""
 import cv2
 import numpy as np
+import openslide
 import pytest
 
+import datasets.slides as slides_module
 from datasets.slides import MAGNIFICATION_MPP, WSI, SlideError
 from datasets.testing import corrupt_tiles, tissue_image, truncated_copy, write_pyramidal_tiff
 
@@ -111,3 +113,15 @@ def test_read_outside_the_slide_is_white(slides):
 def test_bad_read_arguments(slides):
     with WSI.open(slides["tif20"]) as wsi, pytest.raises(ValueError):
         wsi.read(0, 0, 0, 0.5)
+
+
+def test_read_level_is_read_rect_at_the_level_resolution(slides, monkeypatch):
+    monkeypatch.setattr(slides_module, "READ_BLOCK", 100)  # many blocks, ragged at the edges
+    with WSI.open(slides["svs40"]) as wsi, openslide.OpenSlide(slides["svs40"]) as raw:
+        assert len(wsi.level_dimensions) > 2
+        for level, (width, height) in enumerate(wsi.level_dimensions):
+            stored = np.asarray(raw.read_region((0, 0), level, (width, height)))[..., :3]
+            image = wsi.read_level(level)
+            np.testing.assert_array_equal(image, stored)  # as stored: no resize, no offset
+            mpp = wsi.mpp * wsi.level_downsamples[level]
+            np.testing.assert_array_equal(wsi.read_rect(0, 0, width, height, mpp), image)

@@ -1,5 +1,6 @@
 """Preprocessing a set of slides: products, quarantine reasons, strict mode, cache reuse, 2.5x images."""
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 import datasets.preprocess as preprocess_module
 from datasets.cache import atomic_path, params_key, slide_key
+from datasets.cohorts.discovery import SLIDE_EXTENSIONS
 from datasets.lowres import LowresParams, TissueImage, random_regions, tissue_mask
 from datasets.patches import PatchParams, read_coords
 from datasets.preprocess import preprocess_slides
@@ -100,6 +102,37 @@ def test_a_second_run_does_no_work(cohort, tmp_path, monkeypatch):
     # other parameters are other products: the slide must be opened again
     with pytest.raises(AssertionError, match="opened again"):
         run(good, tmp_path, patch=PatchParams(magnification=20, patch_size=128), strict=True)
+
+
+def test_a_cached_slide_is_planned_once(cohort, tmp_path, monkeypatch):
+    good = cohort[cohort.slide_id.isin(["svs", "tif"])]
+    first = run(good, tmp_path)
+    plan, planned = preprocess_module.planned_products, []
+
+    def counting(job):
+        planned.append(job.slide_id)
+        return plan(job)
+
+    monkeypatch.setattr(preprocess_module, "planned_products", counting)
+    assert run(good, tmp_path) == first
+    assert planned == ["svs", "tif"]
+
+
+def test_command_line_scans_the_folder_for_every_slide_extension(tmp_path, monkeypatch):
+    folder = tmp_path / "slides"
+    (folder / "sub").mkdir(parents=True)
+    for ext in SLIDE_EXTENSIONS:
+        (folder / "sub" / f"slide_{ext[1:]}{ext}").touch()
+    (folder / "notes.txt").touch()
+    tables = []
+
+    def record(table, cache_dir, **kw):
+        tables.append(table)
+        return {}
+
+    monkeypatch.setattr(preprocess_module, "preprocess_slides", record)
+    preprocess_module.main([str(folder), "--cache-dir", str(tmp_path / "cache")])
+    assert sorted(Path(p).suffix for p in tables[0]["path"]) == sorted(SLIDE_EXTENSIONS)
 
 
 def test_a_replaced_slide_file_is_processed_again(cohort, tmp_path):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+import datasets.synthetic as synthetic_module
 from benchmark.registry import DATASETS, load_all
 from datasets.splits import audit_folds
 from datasets.synthetic import (
@@ -147,3 +148,32 @@ def test_registered_cohort_has_three_tasks_and_audited_patient_level_folds(tmp_p
     stage = cohort.labels["stage"].set_index("patient_id")["label"]
     expected = table.drop_duplicates("patient_id").set_index("patient_id")["stage"]
     pd.testing.assert_series_equal(stage.sort_index(), expected.sort_index(), check_names=False)
+
+
+def test_progress_off_generates_without_a_bar(tmp_path, capfd):
+    load_all()
+    DATASETS.create("synthetic", data_root=tmp_path / "quiet", cache_dir=tmp_path, n_patients=4, slide_size=SMALL,
+                    progress=False)
+    assert capfd.readouterr().err == ""
+    DATASETS.create("synthetic", data_root=tmp_path / "bar", cache_dir=tmp_path, n_patients=4, slide_size=SMALL)
+    assert "synthetic cohort" in capfd.readouterr().err  # the check above can see a bar
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_no_progress_reaches_the_generator(tmp_path, monkeypatch):
+    from benchmark.runner import RunOptions, build_cohort
+
+    seen = {}
+
+    def generator(root, seed, n_patients, **kw):
+        seen.update(kw)
+        raise _Stop  # the arguments are all this test needs
+
+    load_all()
+    monkeypatch.setattr(synthetic_module, "generate_synthetic_cohort", generator)
+    with pytest.raises(_Stop):
+        build_cohort(RunOptions(methods=[], dataset="synthetic", cache_dir=tmp_path, progress=False))
+    assert seen["progress"] is False

@@ -41,13 +41,16 @@ def synthetic(
     splits: str = "default",
     n_patients: int = DEFAULT_PATIENTS,
     slide_size: tuple[int, int] = DEFAULT_SLIDE_SIZE,
+    progress: bool = True,
 ) -> Cohort:
-    """The synthetic cohort of `seed`, generated on first use; smaller `n_patients`/`slide_size` for tests."""
+    """The synthetic cohort of `seed`, generated on first use (with a progress bar unless `progress` is
+    False); smaller `n_patients`/`slide_size` for tests."""
     from datasets.splits import describe_splits, make_split_provider
     from datasets.synthetic import generate_synthetic_cohort, read_labels
 
     root = generate_synthetic_cohort(
-        synthetic_root(data_root, cache_dir, seed, n_patients, slide_size), seed, n_patients, slide_size=slide_size
+        synthetic_root(data_root, cache_dir, seed, n_patients, slide_size), seed, n_patients,
+        slide_size=slide_size, progress=progress,
     )
     table = read_labels(root)
     slides = table[["slide_id", "patient_id"]].assign(
