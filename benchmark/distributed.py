@@ -178,6 +178,8 @@ def _bench_model(name: str, n_classes: int = 2) -> nn.Module:
 
 
 def _bench_rank(args: argparse.Namespace) -> dict | None:
+    from methods.precision import bf16_autocast  # here, not at the top: importing methods imports this module
+
     w = init_from_env(args.device)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -193,7 +195,7 @@ def _bench_rank(args: argparse.Namespace) -> dict | None:
 
     def loss_fn(m: nn.Module, sample) -> torch.Tensor:
         pixels, label = sample
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             logits = m(pixels.float() if args.model == "mlp" else pixels)
         return nn.functional.cross_entropy(logits.float().reshape(1, -1), label)
 

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from benchmark import distributed
 from methods.pixel_mamba.classifier import MODEL_SIZES, PixelMambaClassifier, pixel_mamba_classifier
+from methods.precision import bf16_autocast
 
 log = logging.getLogger("benchmark.pretrain")
 
@@ -293,10 +294,6 @@ def create_criterion(cfg: PretrainConfig, mixup) -> nn.Module:
     return LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 # ---- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: DistEnv | None = None) -> dict[str, float]:
@@ -306,7 +303,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: D
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device):
+        with bf16_autocast(device):
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
@@ -517,7 +514,7 @@ def _optimizer_step(run: Run, batches: Iterator, mixup, criterion, accumulation:
         last = micro == accumulation - 1
         sync = contextlib.nullcontext() if last or not run.dist.active else run.wrapped.no_sync()
         with sync:
-            with autocast(device):
+            with bf16_autocast(device):
                 logits = run.wrapped(images)
             loss = criterion(logits.float(), labels)
             if not torch.isfinite(loss):
@@ -564,7 +561,7 @@ def bench(cfg: PretrainConfig, steps: int = 20, warmup: int = 5, num_classes: in
     labels = torch.randint(0, num_classes, (cfg.batch_size,), generator=generator).to(device)
 
     def step() -> None:
-        with autocast(device):
+        with bf16_autocast(device):
             logits = model(images)
         criterion(logits.float(), labels).backward()
         optimizer.step()

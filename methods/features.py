@@ -9,9 +9,10 @@
 
 Patches are read through OpenSlide (datasets.slides.WSI) in DataLoader workers and batched; the
 encoder's preprocessing (resize, normalise) runs on the batch on the device, under bf16 autocast and
-channels-last on CUDA. Existing valid files are skipped; files appear only complete (atomic writes); a
-slide whose tiles fail to decode is reported and the others go on. `extract_features` works on a list
-of slides, so a launcher can give each GPU its own share (`--shard i/n` on the command line).
+channels-last on CUDA. Existing valid files are skipped without opening their slides; files appear
+only complete (atomic writes); a slide whose tiles fail to decode is reported and the others go on.
+`extract_features` works on a list of slides, so a launcher can give each GPU its own share
+(`--shard i/n` on the command line).
 
 Command line:
     python -m methods.features SLIDES... --cache-dir DIR [--encoder resnet50_trunc] [--weights hub|PATH|random]
@@ -39,15 +40,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datasets.cache import atomic_path, params_key, slide_key
+from datasets.cohorts.discovery import SLIDE_EXTENSIONS
 from datasets.patches import PatchParams, read_coords
 from datasets.slides import WSI, SlideError
 from datasets.tissue import TISSUE_PRESETS, TissueParams
 from methods.encoders import PatchEncoder, create_encoder
 from methods.encoders.weights import parse_weights
+from methods.precision import bf16_autocast
 
 FEATURES_VERSION = 1
 PRODUCER = "wsi-bench"
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide")
 
 
 # ----------------------------------------------------------------------------- where files go
@@ -130,9 +132,13 @@ class _Planned:
     slide_key: str
 
 
-def plan_slide(job: SlideFeatureJob, default_mpp: float | None) -> _Planned:
-    """Read the grid, open the slide once (it must open, and gives the level-0 facts CLAM's coords lack)."""
+def plan_slide(job: SlideFeatureJob, encoder_name: str, default_mpp: float | None) -> _Planned | None:
+    """Read the grid; None when the job's output is already done (told from the files alone, so that a
+    rerun over cached features opens no slide); else open the slide once (it must open, and gives the
+    level-0 facts CLAM's coords lack)."""
     coords, norm = read_coords(job.coords_path)
+    if is_done(job, coords, encoder_name):
+        return None
     with h5py.File(job.coords_path, "r") as f:
         raw = dict(f["coords"].attrs)
     with WSI.open(job.slide_path, default_mpp) as wsi:
@@ -154,17 +160,16 @@ def plan_slide(job: SlideFeatureJob, default_mpp: float | None) -> _Planned:
     return _Planned(job, coords, attrs, read_mpp, norm["patch_size"], slide_key(job.slide_path))
 
 
-def is_done(planned: _Planned, encoder_name: str) -> bool:
-    """An existing file counts only if it is of this slide file, this grid and this encoder."""
-    path = planned.job.out_path
-    if not path.is_file():
+def is_done(job: SlideFeatureJob, coords: np.ndarray, encoder_name: str) -> bool:
+    """An existing file counts only if it is of this slide file (its key: path, size, mtime), this grid
+    and this encoder."""
+    if not job.out_path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as f:
-            same = (f.attrs.get("slide_key") == planned.slide_key and f.attrs.get("encoder") == encoder_name
-                    and f["features"].shape[0] == len(planned.coords)
-                    and np.array_equal(f["coords"][:], planned.coords))
-    except (OSError, KeyError):  # unreadable leftovers are rebuilt
+        with h5py.File(job.out_path, "r") as f:
+            same = (f.attrs.get("slide_key") == slide_key(job.slide_path) and f.attrs.get("encoder") == encoder_name
+                    and f["features"].shape[0] == len(coords) and np.array_equal(f["coords"][:], coords))
+    except (OSError, KeyError):  # unreadable leftovers are rebuilt; a vanished slide fails when planned
         return False
     return bool(same)
 
@@ -243,7 +248,7 @@ def encode(encoder: PatchEncoder, patches, device: str) -> np.ndarray:
         x = encoder.preprocess(batch.to(device, non_blocking=True))
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with bf16_autocast(device):
             outputs.append(encoder(x).float().cpu())
     return torch.cat(outputs).numpy()
 
@@ -262,11 +267,11 @@ def extract_features(jobs: list[SlideFeatureJob], encoder: PatchEncoder | Callab
     todo: list[_Planned] = []
     for job in jobs:
         try:
-            planned = plan_slide(job, default_mpp)
+            planned = plan_slide(job, encoder_name, default_mpp)
         except (SlideError, ValueError, FileNotFoundError, OSError) as err:
             report.failed[job.slide_id] = err.reason if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
             continue
-        if is_done(planned, encoder_name):
+        if planned is None:
             report.done[job.slide_id] = job.out_path
             report.skipped.append(job.slide_id)
         elif len(planned.coords) == 0:

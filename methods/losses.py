@@ -6,9 +6,14 @@ negative log-likelihood with censoring, risk = -sum(S).
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+
+from datasets.cohorts.base import Task
 
 EPS = 1e-7
 
@@ -31,6 +36,22 @@ def survival_bins(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index in [0, n_bins) of each time; times past the outer edges fall in the end bins."""
     inner = np.asarray(edges)[1:-1]
     return np.searchsorted(inner, np.asarray(times, dtype=float), side="right")
+
+
+def loss_targets(samples: pd.DataFrame, task: Task,
+                 train_patients: Iterable[str]) -> tuple[dict[str, dict[str, torch.Tensor]], list[float] | None]:
+    """What `task_loss` takes for each patient of `samples` (indexed by patient_id), as 0-d tensors:
+    the label, or the survival bin and censoring (1 = no event). The bin edges come from
+    `train_patients` only (the fold's training patients), so that no held-out time shapes the bins;
+    they are returned too (None for classification) for the fold's info."""
+    if task.kind == "classification":
+        return {p: {"label": torch.tensor(int(v))} for p, v in samples["label"].items()}, None
+    train = samples.loc[list(train_patients)]
+    edges = survival_bin_edges(train["time"].to_numpy(), train["event"].to_numpy(), n_bins=task.n_classes)
+    bins = survival_bins(samples["time"].to_numpy(), edges)
+    targets = {p: {"bin": torch.tensor(int(b)), "censored": torch.tensor(1.0 - float(e))}
+               for p, b, e in zip(samples.index, bins, samples["event"])}
+    return targets, edges.tolist()
 
 
 def nll_survival_loss(logits: torch.Tensor, y: torch.Tensor, censored: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:

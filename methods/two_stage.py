@@ -32,8 +32,9 @@ from datasets.patches import PatchParams
 from datasets.quarantine import Quarantine
 from datasets.tissue import TISSUE_PRESETS, TissueParams
 from methods.encoders import weights_provenance
-from methods.losses import survival_bin_edges, survival_bins
+from methods.losses import loss_targets
 from methods.mil import Bag, Recipe, predict_bags, train_bags
+from methods.predictions import prediction_rows, train_risk_median
 
 RECIPES = {
     "classification": Recipe(epochs=50, lr=2e-4, weight_decay=1e-5, grad_accum=1, dropout=0.25),
@@ -138,7 +139,7 @@ class TwoStageMethod(Method):
         wanted = [s for p in (pid for ids in parts.values() for pid in ids) for s in samples.loc[p, "slide_ids"]]
         missing_slides = sorted(s for s in wanted if s not in files)
         recipe = self.recipes[task.kind].capped(ctx.max_epochs)
-        targets = self.targets(samples, task, fold)
+        targets, edges = loss_targets(samples, task, fold.train)
         bags = {part: self.bags(ids, samples, files, targets) for part, ids in parts.items()}
         without = sorted(p for part in ("val", "test") if part in parts for p in parts[part]
                          if p not in {b.patient_id for b in bags[part]})
@@ -154,31 +155,20 @@ class TwoStageMethod(Method):
                                  for part in ("val", "test") if part in parts], ignore_index=True)
         infer_s = time.perf_counter() - started
         if task.kind == "survival":  # the leaderboard's Kaplan-Meier split, from training patients only
-            info["train_risk_median"] = float(np.median(predict_bags(model, bags["train"], task.kind, ctx.device)))
+            info["train_risk_median"] = train_risk_median(predict_bags(model, bags["train"], task.kind, ctx.device))
         n_slides = lambda bs: sum(len(samples.loc[b.patient_id, "slide_ids"]) for b in bs)  # noqa: E731
         info.update(
             patients_without_slides=without,
             recipe=recipe.as_dict(),
-            survival_bin_edges=targets.attrs.get("edges"),
+            survival_bin_edges=edges,
             timings={"train_s": train_s, "n_train_slides": n_slides(bags["train"]) * max(info["epochs_run"], 1),
                      "infer_s": infer_s, "n_infer_slides": sum(n_slides(bags[p]) for p in ("val", "test") if p in parts)},
         )
         return FoldOutput(predictions, self.weights(files, ctx), missing_slides, info)
 
     @staticmethod
-    def targets(samples: pd.DataFrame, task: Task, fold: Fold) -> pd.DataFrame:
-        """Per patient: label, or survival bin (edges from the fold's TRAIN patients) and censoring."""
-        if task.kind == "classification":
-            return samples[["label"]].astype(int)
-        train = samples.loc[list(fold.train)]
-        edges = survival_bin_edges(train["time"].to_numpy(), train["event"].to_numpy(), task.n_classes)
-        out = pd.DataFrame({"bin": survival_bins(samples["time"].to_numpy(), edges),
-                            "censored": 1.0 - samples["event"].to_numpy(float)}, index=samples.index)
-        out.attrs["edges"] = edges.tolist()
-        return out
-
-    @staticmethod
-    def bags(patients, samples: pd.DataFrame, files: dict[str, Path], targets: pd.DataFrame) -> list[Bag]:
+    def bags(patients, samples: pd.DataFrame, files: dict[str, Path],
+             targets: dict[str, dict[str, torch.Tensor]]) -> list[Bag]:
         """One bag per patient with at least one feature file; in memory unless the fold is too large."""
         chosen = []
         for pid in patients:
@@ -189,22 +179,14 @@ class TwoStageMethod(Method):
         bags = []
         for pid, paths in chosen:
             features = patient_features(paths) if in_memory else partial(patient_features, paths)
-            target = {k: torch.tensor(v) for k, v in targets.loc[pid].items()}
-            bags.append(Bag(pid, features, target))
+            bags.append(Bag(pid, features, targets[pid]))
         return bags
 
     @staticmethod
     def predict(model, bags: list[Bag], part: str, samples: pd.DataFrame, task: Task, device: str) -> pd.DataFrame:
-        out = predict_bags(model, bags, task.kind, device)
-        rows = pd.DataFrame({"patient_id": [b.patient_id for b in bags], "partition": part})
-        for column in task.label_columns:
-            rows[column] = samples.loc[rows["patient_id"], column].to_numpy()
-        if task.kind == "classification":
-            for k in range(task.n_classes):
-                rows[f"prob_{k}"] = out[:, k] if len(bags) else []
-        else:
-            rows["risk"] = out
-        return rows
+        """The rows of one partition, with predict_bags' float32 scores."""
+        scores = predict_bags(model, bags, task.kind, device)
+        return prediction_rows([b.patient_id for b in bags], part, samples, task, scores)
 
 
 def patient_features(paths: list[Path]) -> torch.Tensor:

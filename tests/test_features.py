@@ -1,5 +1,8 @@
 """Feature extraction: the right patch behind each row, CLAM/TRIDENT-readable files, skipping, failures."""
 import json
+import os
+import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -20,10 +23,12 @@ from methods.features import (
     benchmark,
     extract_features,
     extract_slides,
+    feature_attrs,
     feature_folder,
     load_features,
     main,
     shard,
+    slide_table,
 )
 
 TISSUE = TissueParams(seg_downsample=4, a_t=0.1, a_h=0.01)
@@ -111,6 +116,46 @@ def test_existing_files_are_skipped_and_stale_ones_rebuilt(slides, grids, tmp_pa
     assert first.done["a"].stat().st_mtime_ns == stamp
     other = extract_features(jobs, mean_colour_encoder("other_encoder"), progress=False)
     assert sorted(other.done) == ["a", "b"] and other.skipped == [] and other.patches == first.patches
+
+
+def test_done_slides_are_recognised_without_opening_them(slides, grids, tmp_path, monkeypatch):
+    jobs = jobs_for(slides, grids, tmp_path, ("a", "b"))
+    first = extract_features(jobs, mean_colour_encoder(), progress=False)
+    first.done["b"].unlink()  # b is to be redone
+    opened, real_open = [], WSI.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).stem)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(WSI, "open", recording_open)
+    again = extract_features(jobs, mean_colour_encoder(), progress=False)
+    assert again.skipped == ["a"] and sorted(again.done) == ["a", "b"] and not again.failed
+    assert "a" not in opened and "b" in opened
+
+    def refusing_open(path, *args, **kwargs):
+        raise AssertionError(f"{path} was opened although its features are done")
+
+    monkeypatch.setattr(WSI, "open", refusing_open)
+    cached = extract_features(jobs, mean_colour_encoder(), progress=False)
+    assert cached.skipped == ["a", "b"] and not cached.failed
+
+
+def test_a_done_file_of_a_replaced_slide_file_is_rebuilt(slides, grids, tmp_path):
+    """The skip without opening still checks that the file was made from this very slide file."""
+    copy = Path(shutil.copy(slides.set_index("slide_id").path["a"], tmp_path / "a.tif"))
+    job = SlideFeatureJob("a", copy, grids["a"].patches, tmp_path / "features" / "a.h5")
+    first = extract_features([job], mean_colour_encoder(), progress=False)
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))  # the file replaced in place
+    again = extract_features([job], mean_colour_encoder(), progress=False)
+    assert again.skipped == [] and again.patches == first.patches
+    assert feature_attrs(again.done["a"])["slide_key"] == slide_key(copy)
+
+
+def test_slide_folders_are_searched_with_discoverys_extensions(tmp_path):
+    for name in ("x.svs", "y.vmu", "notes.txt"):  # .vmu: a slide to discovery, not to features' old list
+        (tmp_path / name).touch()
+    assert slide_table([tmp_path]).slide_id.tolist() == ["x", "y"]
 
 
 def test_corrupt_slide_fails_alone_and_leaves_no_file(slides, grids, tmp_path):

@@ -1,5 +1,6 @@
-"""The registered Pixel-Mamba methods: config, weights, voting, survival targets, and whole folds on tiny
-slides through the slide stage (slide protocol for classification and survival, regions protocol)."""
+"""The registered Pixel-Mamba methods: config, weights, voting, and whole folds on tiny slides through
+the slide stage (slide protocol for classification and survival, regions protocol). The loss targets
+they share with two_stage are tested in test_losses.py."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +11,6 @@ from benchmark.registry import METHODS
 from datasets.cohorts.base import Cohort, Fold, Task
 from methods.pixel_mamba.method import (
     DEMO_PRESET,
-    _targets,
     image_region_pixels,
     patient_pixels,
     vote,
@@ -83,15 +83,6 @@ def test_vote_mean_and_majority():
     np.testing.assert_allclose(vote(probs, "majority"), [1 / 3, 2 / 3])
 
 
-def test_survival_bins_come_from_training_patients_only():
-    samples = pd.DataFrame({"time": [1.0, 2.0, 3.0, 4.0, 100.0], "event": [1, 1, 1, 1, 0]},
-                           index=["a", "b", "c", "d", "e"])
-    task = Task("survival", "survival", 4)
-    targets = _targets(samples.loc[["a", "b", "c", "d"]], samples, task)
-    assert [int(targets[p]["bin"]) for p in "abcde"] == [0, 1, 2, 3, 3]
-    assert [float(targets[p]["censored"]) for p in "abcde"] == [0, 0, 0, 0, 1]
-
-
 def test_square_regions_leave_background_out_in_zigzag_order():
     image = np.full((64, 96, 3), 255, np.uint8)
     for index, (row, col) in enumerate([(0, 0), (0, 2), (1, 1), (1, 2)]):  # (0, 1) and (1, 0) stay white
@@ -148,8 +139,10 @@ def test_classification_fold_on_slides(tiny_cohort, tiny_tissue, tmp_path):
     method.prepare(tiny_cohort, ctx)
     out = method.run_fold(tiny_cohort, tiny_cohort.task("colour"), FOLD, seed=0, ctx=ctx)
     preds = out.predictions
+    assert preds.columns.tolist() == ["patient_id", "partition", "label", "prob_0", "prob_1"]
     assert preds["patient_id"].tolist() == ["p4", "p5"] and set(preds["partition"]) == {"val"}
     assert preds["label"].tolist() == [0, 1]
+    assert preds["prob_1"].dtype == np.float64  # Pixel-Mamba's result columns are float64 (two_stage's float32)
     np.testing.assert_allclose(preds["prob_0"] + preds["prob_1"], 1.0, rtol=1e-6)
     assert out.weights == "none" and out.missing_slides == ["p6_0"]
     assert out.info["patients_without_slides"] == ["p6"] and len(out.info["train_loss"]) == 1
@@ -188,6 +181,7 @@ def test_survival_fold_on_patient_bags(tiny_cohort, tiny_tissue, tmp_path, monke
     out = METHODS.create("pixel_mamba", **FAST).run_fold(
         tiny_cohort, tiny_cohort.task("survival"), FOLD, seed=0, ctx=context(tmp_path))
     assert out.predictions["patient_id"].tolist() == ["p4", "p5"]
+    assert out.predictions.columns.tolist() == ["patient_id", "partition", "time", "event", "risk"]
     assert np.isfinite(out.predictions["risk"]).all() and set(out.predictions.columns) >= {"time", "event"}
     np.testing.assert_allclose(out.predictions["risk"], [scores["p4"][0], scores["p5"][0]], rtol=1e-6)
     # the leaderboard's Kaplan-Meier split: the median risk of the fold's training patients only

@@ -13,6 +13,7 @@ from datasets.cohorts.base import Cohort, Fold, Task
 from datasets.testing import corrupt_tiles, tissue_image, write_pyramidal_tiff
 from datasets.tissue import TissueParams
 from methods.features import load_features
+from methods.losses import loss_targets
 
 TISSUE = TissueParams(seg_downsample=4, a_t=0.1, a_h=0.01)
 TINY = {"patch_size": 64, "input_size": 32, "tissue": TISSUE, "batch_size": 32}
@@ -64,6 +65,8 @@ def test_classification_fold_predicts_every_val_patient_with_features(cohort, ct
     out = prepared.run_fold(cohort, task, FOLD, seed=0, ctx=ctx)
     check_predictions(out, task, FOLD)  # the runner's own check
     preds = out.predictions
+    assert preds.columns.tolist() == ["patient_id", "partition", "label", "prob_0", "prob_1"]
+    assert preds["prob_1"].dtype == np.float32  # predict_bags' scores as they are (Pixel-Mamba's are float64)
     assert sorted(preds.patient_id) == ["P7", "P8"] and set(preds.partition) == {"val"}
     np.testing.assert_allclose(preds[["prob_0", "prob_1"]].sum(axis=1), 1, rtol=1e-6)
     assert out.missing_slides == ["S9"] and out.info["patients_without_slides"] == ["P9"]
@@ -85,7 +88,7 @@ def test_same_seed_same_predictions(cohort, ctx, prepared):
 def test_two_slides_of_a_patient_form_one_bag(cohort, ctx, prepared):
     files = prepared.feature_files(cohort, ctx)
     samples = cohort.samples(cohort.task("tumour")).set_index("patient_id")
-    targets = prepared.targets(samples, cohort.task("tumour"), FOLD)
+    targets, _ = loss_targets(samples, cohort.task("tumour"), FOLD.train)
     (bag,) = prepared.bags(["P1"], samples, files, targets)
     expected = np.concatenate([load_features(files["S1"])[0].numpy(), load_features(files["S1b"])[0].numpy()])
     np.testing.assert_array_equal(bag.load().numpy(), expected)
@@ -96,7 +99,8 @@ def test_survival_bins_come_from_training_patients_only(cohort, ctx, prepared):
     task = cohort.task("survival")
     out = prepared.run_fold(cohort, task, FOLD, seed=0, ctx=ctx)
     check_predictions(out, task, FOLD)
-    assert "risk" in out.predictions and np.all(out.predictions.risk.between(-4, 0))
+    assert out.predictions.columns.tolist() == ["patient_id", "partition", "time", "event", "risk"]
+    assert np.all(out.predictions.risk.between(-4, 0))
     train = cohort.labels["survival"].set_index("patient_id").loc[list(FOLD.train)]
     uncensored = np.sort(train.time[train.event == 1].to_numpy())  # 3, 5, 9, 12, 30
     np.testing.assert_allclose(out.info["survival_bin_edges"][1:-1], np.quantile(uncensored, [0.25, 0.5, 0.75]))

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -31,10 +30,12 @@ from benchmark import checkpoint, distributed
 from benchmark.api import FoldOutput, Method, RunContext
 from benchmark.registry import METHODS
 from datasets.cohorts.base import Cohort, Fold, Task
-from methods.losses import survival_bin_edges, survival_bins, survival_risk, task_loss
+from methods.losses import loss_targets, survival_risk, task_loss
 from methods.pixel_mamba.model import PixelMamba, pixel_mamba
 from methods.pixel_mamba.token_ops import cut_regions, zigzag_region_order
 from methods.pixel_mamba.weights import load_weights
+from methods.precision import bf16_autocast
+from methods.predictions import prediction_rows, train_risk_median
 from methods.ssm.mixer import no_weight_decay_names
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class PixelMambaMethod(Method):
         if self._products is None:
             self.prepare(cohort, ctx)
         samples = cohort.samples(task).set_index("patient_id")
-        targets = _targets(samples.loc[list(fold.train)], samples, task)
+        targets, _ = loss_targets(samples, task, fold.train)
         by_partition, missing = {}, []
         for partition, patients in fold.partitions().items():
             by_partition[partition] = []
@@ -190,19 +191,19 @@ class PixelMambaMethod(Method):
         unscored = [sample.patient_id for _, sample in scored if not sample.sources]  # left out of the scoring
         scored = [(partition, sample) for partition, sample in scored if sample.sources]
         scores = self._score_all(model, [sample for _, sample in scored], task, device, seed, world)
-        rows = [_prediction_row(sample, partition, samples.loc[sample.patient_id], task, score)
-                for (partition, sample), score in zip(scored, scores)]
+        # float64 score columns, as Pixel-Mamba has always written them (two_stage's stay float32)
+        predictions = prediction_rows([sample.patient_id for _, sample in scored], [partition for partition, _ in scored],
+                                      samples, task, np.asarray(scores, dtype=np.float64))
         timings = {"train_s": train_s * world.size, "n_train_slides": epochs * sum(len(s.sources) for s in train),
                    "infer_s": (time.perf_counter() - started) * world.size,
                    "n_infer_slides": sum(len(sample.sources) for _, sample in scored)}
         extra = {}
         if task.kind == "survival":  # the leaderboard's Kaplan-Meier split, from training patients only
-            risks = self._score_all(model, train, task, device, seed, world)
-            extra["train_risk_median"] = float(np.median([risk[0] for risk in risks]))
+            extra["train_risk_median"] = train_risk_median(self._score_all(model, train, task, device, seed, world))
         info = {"epochs": epochs, "train_loss": history, "body_parameters": model.body_parameters(),
                 "patients_without_slides": unscored, "world_size": world.size, "timings": timings, **extra,
                 **weights_info}
-        return FoldOutput(pd.DataFrame(rows), weights_label, missing_slides=missing, info=info)
+        return FoldOutput(predictions, weights_label, missing_slides=missing, info=info)
 
     def _build(self, task: Task) -> PixelMamba:
         c = self.cfg
@@ -300,31 +301,7 @@ def vote(region_probs: np.ndarray, how: str) -> np.ndarray:
     return votes / votes.sum()
 
 
-def _targets(train: pd.DataFrame, samples: pd.DataFrame, task: Task) -> dict[str, dict[str, torch.Tensor]]:
-    """Loss targets per patient; survival bins come from the training patients only."""
-    if task.kind == "classification":
-        return {p: {"label": torch.tensor([int(v)])} for p, v in samples["label"].items()}
-    edges = survival_bin_edges(train["time"].to_numpy(), train["event"].to_numpy(), n_bins=task.n_classes)
-    bins = survival_bins(samples["time"].to_numpy(), edges)
-    return {p: {"bin": torch.tensor([int(b)]), "censored": torch.tensor([1.0 - float(e)])}
-            for p, b, e in zip(samples.index, bins, samples["event"])}
-
-
-def _prediction_row(sample: Sample, partition: str, labels: pd.Series, task: Task, scores: np.ndarray) -> dict[str, Any]:
-    row = {"patient_id": sample.patient_id, "partition": partition}
-    row.update({column: labels[column] for column in task.label_columns})
-    if task.kind == "survival":
-        row["risk"] = float(scores[0])
-    else:
-        row.update({f"prob_{c}": float(p) for c, p in enumerate(scores)})
-    return row
-
-
 # ---- training --------------------------------------------------------------------------------------
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def train_model(
     model: PixelMamba,
     samples: list[Sample],
@@ -359,9 +336,9 @@ def train_model(
 
     def loss_fn(m: nn.Module, item: tuple[Sample, Callable[[], torch.Tensor]]) -> torch.Tensor:
         sample, load = item
-        with _autocast(device):
+        with bf16_autocast(device):
             logits = m(load().to(device))
-        return task_loss(kind, logits.float(), {k: v.to(device) for k, v in sample.target.items()})
+        return task_loss(kind, logits.float(), {k: v.view(1).to(device) for k, v in sample.target.items()})
 
     model.train()
     for epoch in range(start, epochs):
@@ -389,7 +366,7 @@ def predict_logits(model: PixelMamba, inputs, device: torch.device) -> list[torc
     model.eval()
     out = []
     for pixels in inputs:
-        with _autocast(device):
+        with bf16_autocast(device):
             out.append(model(pixels.to(device))[0].float().cpu())
     return out
 
