@@ -43,3 +43,19 @@ def triton_interpreter():
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     return run
+
+
+@pytest.fixture
+def toy_a_refusing_checkpointing(monkeypatch):
+    """toy_a as a method that cannot take the out-of-memory retry's `activation_checkpointing` setting."""
+    import tests.toy_plugin  # noqa: F401  (registers toy_a)
+    from benchmark.registry import METHODS, Entry
+
+    factory = METHODS.get("toy_a").obj
+
+    def refusing(**overrides):
+        if "activation_checkpointing" in overrides:
+            raise TypeError("unexpected setting activation_checkpointing")
+        return factory(**overrides)
+
+    monkeypatch.setitem(METHODS._entries, "toy_a", Entry("toy_a", "", refusing))

@@ -16,7 +16,6 @@ from benchmark import cli
 from benchmark.launchers.execution import REPO_ROOT, options_from_dict, options_to_dict
 from benchmark.launchers.progress import Counts, StatusLine
 from benchmark.locks import JobLock, lock_path
-from benchmark.registry import METHODS, Entry
 from benchmark.results import iter_results
 from tests.toy import leaderboard_text
 from benchmark.runner import RunOptions, RunSummary, run
@@ -143,17 +142,7 @@ def test_out_of_memory_job_is_recorded_and_the_rest_finish(tmp_path):
     assert "toy_a fold 1 seed 0 failed: OutOfMemoryError" in leaderboard(opts)
 
 
-def test_out_of_memory_retry_that_the_method_refuses_keeps_the_failure(tmp_path, monkeypatch):
-    import tests.toy_plugin  # noqa: F401  (registers toy_a)
-
-    factory = METHODS.get("toy_a").obj
-
-    def refusing(**overrides):
-        if "activation_checkpointing" in overrides:
-            raise TypeError("unexpected setting activation_checkpointing")
-        return factory(**overrides)
-
-    monkeypatch.setitem(METHODS._entries, "toy_a", Entry("toy_a", "", refusing))
+def test_out_of_memory_retry_that_the_method_refuses_keeps_the_failure(tmp_path, toy_a_refusing_checkpointing):
     summary = run(options(tmp_path, "refused", methods=["toy_a"], retry_oom=True, overrides={"oom_on_fold": 1}))
     error = summary.failed["toy_a/toy/binary/fold1/seed0"]
     assert error.startswith("OutOfMemoryError") and "retry with {'activation_checkpointing': True} impossible" in error

@@ -9,7 +9,6 @@ import pytest
 from benchmark.launchers.execution import (JobSpec, execute_spec, options_to_dict, plan_one, prepare_status_path,
                                            retry_overrides_after)
 from benchmark.locks import JobLock, lock_path
-from benchmark.registry import METHODS, Entry
 from benchmark.results import read_result, write_result
 from benchmark.runner import RunOptions, build_state, make_plan
 from tests.test_launchers import PLUGIN, markers
@@ -114,17 +113,7 @@ def test_job_process_retries_with_the_lighter_settings(tmp_path):
     assert record["info"]["activation_checkpointing"] and record["launch"]["retry_overrides"] == LIGHTER
 
 
-def test_job_process_retry_that_the_method_refuses_says_why(tmp_path, monkeypatch):
-    import tests.toy_plugin  # noqa: F401  (registers toy_a)
-
-    factory = METHODS.get("toy_a").obj
-
-    def refusing(**overrides):
-        if "activation_checkpointing" in overrides:
-            raise TypeError("unexpected setting activation_checkpointing")
-        return factory(**overrides)
-
-    monkeypatch.setitem(METHODS._entries, "toy_a", Entry("toy_a", "", refusing))
+def test_job_process_retry_that_the_method_refuses_says_why(tmp_path, toy_a_refusing_checkpointing):
     opts = options(tmp_path, overrides={"oom_on_fold": 0})
     assert execute_spec(spec_for(opts, 0, retry_overrides=LIGHTER)) == "failed"
     record = result(opts, 0)
