@@ -18,8 +18,8 @@ Sections:
   step      a full training step (forward, backward, AdamW) of pixel_mamba_<model> on one image, with
             and without activation checkpointing: time and peak memory; `--find-max` also searches the
             largest image whose step fits the card
-  features  patch-feature extraction throughput (ResNet-50-trunc at 224 px, CONCH's ViT-B/16 at 448 px)
-            in patches/s, compute from patches already on the GPU, random weights
+  features  patch-feature extraction throughput of the registered encoders (resnet50_trunc at 224 px,
+            conch_v1 at 448 px) in patches/s, compute from patches already on the GPU, random weights
 
 Results print as tables and, with --append FILE, are appended to FILE (Markdown) under a header naming
 the card, the commit and the command. Times are medians of CUDA-event timed repeats after a warm-up.
@@ -396,36 +396,28 @@ def largest_fitting_image(model_name: str, dtype, start_pixels: int, checkpointi
 
 
 def bench_features(batch: int = 256) -> list[dict]:
-    """Patches/s of the two patch encoders' architectures on patches already on the GPU."""
-    import timm
+    """Patches/s of the registered patch encoders (random weights: compute only) on patches already on
+    the GPU, at their own input size (ResNet-50-trunc 224 px, CONCH 448 px)."""
+    from methods.encoders import create_encoder
 
-    encoders = {
-        "ResNet-50-trunc (224 px)": (lambda: _resnet50_trunc(timm), 224),
-        "CONCH ViT-B/16 (448 px)": (lambda: timm.create_model("vit_base_patch16_224", img_size=448,
-                                                               num_classes=0, pretrained=False), 448),
-    }
     rows = []
-    for name, (make, side) in encoders.items():
-        model = make().cuda().eval()
+    for name in ("resnet50_trunc", "conch_v1"):
+        encoder = create_encoder(name, weights="random").cuda().eval()
+        side = encoder.preprocess.input_size
         for precision in ("fp32", "bf16"):
             x = torch.randn(batch, 3, side, side, device="cuda")
 
             def run():
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
                                                              enabled=precision == "bf16"):
-                    model(x)
+                    encoder(x)
 
             ms = median_ms(run, reps=5, warmup=2)
-            row = dict(encoder=name, precision=precision, batch=batch, patches_per_s=round(batch / ms * 1e3))
+            row = dict(encoder=f"{name} ({side} px)", precision=precision, batch=batch,
+                       patches_per_s=round(batch / ms * 1e3))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
-
-
-def _resnet50_trunc(timm):
-    """CLAM's ResNet-50 cut after layer3 (1024-d features): timm's resnet50 up to its 4th feature map
-    (the same layers methods/encoders' ResNet50Trunc runs; random weights, compute only)."""
-    return timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
 
 
 # ---------------------------------------------------------------------------------------------------
