@@ -31,23 +31,27 @@ STATE_DIR = "train_state"
 CONFIG_MARK = "config_hash"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: a kill never leaves half a file."""
     atomic_write(path, lambda fh: torch.save(obj, fh), mode="wb")
 
 
-def _random_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def random_states() -> dict:
+    """python's, numpy's, torch's and CUDA's generator states. numpy's key array is kept as a tensor, so
+    the states load with torch.load(weights_only=True) (pretraining checkpoints are loaded that way)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()  # reading them would start CUDA
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if in_use else []}
 
 
-def _set_random_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+def set_random_states(states: dict) -> None:
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    # np.asarray: the keys are a tensor, or an array in the runner's states saved before random_states
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():  # [] (or, in the runner's older states, absent): CUDA unused
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
@@ -63,8 +67,8 @@ def save(job_dir: Path | None, epoch: int, *, model: torch.nn.Module, optimizer=
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "generator": rng.bit_generator.state if rng is not None else None}
-        _atomic_save(state, folder / "state.pt")
-    _atomic_save({"epoch": epoch, "random": _random_states()}, folder / f"random_rank{rank}.pt")
+        atomic_save(state, folder / "state.pt")
+    atomic_save({"epoch": epoch, "random": random_states()}, folder / f"random_rank{rank}.pt")
 
 
 def resume(job_dir: Path | None, *, model: torch.nn.Module, optimizer=None, scheduler=None,
@@ -85,7 +89,7 @@ def resume(job_dir: Path | None, *, model: torch.nn.Module, optimizer=None, sche
     if random_path.exists():
         saved = torch.load(random_path, map_location="cpu", weights_only=False)
         if saved["epoch"] == state["epoch"]:  # killed between the two writes: keep the fresh state
-            _set_random_states(saved["random"])
+            set_random_states(saved["random"])
     return int(state["epoch"]), state["extra"]
 
 

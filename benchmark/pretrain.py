@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from benchmark import distributed
+from benchmark import checkpoint, distributed
 from methods.pixel_mamba.classifier import MODEL_SIZES, PixelMambaClassifier, pixel_mamba_classifier
 from methods.precision import bf16_autocast
 
@@ -115,31 +115,15 @@ class PretrainConfig:
 
 
 # ---- distributed ----------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    """This process's rank among `world_size` (benchmark.distributed's World) and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str) -> DistEnv:
-    """One process per GPU from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process."""
+def setup_distributed(device: str) -> tuple[distributed.World, torch.device]:
+    """One process per GPU from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process;
+    and this process's device (its local rank's GPU, or the CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu")
     world = distributed.init_from_env(device)
-    return DistEnv(world.rank, world.size, torch.device("cuda", world.local_rank) if device == "cuda" else torch.device("cpu"))
+    return world, torch.device("cuda", world.local_rank) if device == "cuda" else torch.device("cpu")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -245,14 +229,15 @@ def eval_transform(img_size: int):
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
 
 
-def eval_loader(root: Path, img_size: int, batch_size: int, workers: int = 0, dist: DistEnv | None = None) -> DataLoader:
-    """This rank's share (every world_size-th image, nothing padded) of an ImageFolder, evaluation transform."""
+def eval_loader(root: Path, img_size: int, batch_size: int, workers: int = 0, world: distributed.World | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """This rank's share (every world.size-th image, nothing padded) of an ImageFolder, evaluation transform."""
     from torchvision.datasets import ImageFolder
 
-    dist = dist or DistEnv()
+    world = world or distributed.World()
     dataset = ImageFolder(str(root), transform=eval_transform(img_size))
-    share = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    return DataLoader(share, batch_size=batch_size, num_workers=workers, pin_memory=dist.device.type == "cuda")
+    share = Subset(dataset, range(world.rank, len(dataset), world.size))
+    return DataLoader(share, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
 
 
 # ---- model, optimizer, schedule, loss -------------------------------------------------------------
@@ -296,7 +281,8 @@ def create_criterion(cfg: PretrainConfig, mixup) -> nn.Module:
 
 # ---- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: DistEnv | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             world: distributed.World | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) and cross-entropy over the loader (summed over ranks)."""
     was_training = model.training
     model.eval()
@@ -310,7 +296,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: D
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
                                nn.functional.cross_entropy(logits, labels, reduction="sum"),
                                torch.tensor(len(labels), device=device)]).double()
-    if dist is not None and dist.active:
+    if world is not None and world.size > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
     correct1, correct5, loss_sum, count = totals.tolist()
@@ -320,29 +306,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: D
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
-def rng_states() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Written to a temporary file and moved into place: an interrupted save leaves the old one."""
-    from datasets.cache import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -374,7 +337,8 @@ class Run:
     """What one process holds during training."""
 
     cfg: PretrainConfig
-    dist: DistEnv
+    world: distributed.World
+    device: torch.device
     model: PixelMambaClassifier  # the bare model (its state is what checkpoints hold)
     wrapped: nn.Module  # DDP around it, or itself
     optimizer: torch.optim.Optimizer
@@ -388,7 +352,7 @@ class Run:
     def state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "rng": rng_states(), "config": dataclasses.asdict(self.cfg), "classes": self.classes,
+                "rng": checkpoint.random_states(), "config": dataclasses.asdict(self.cfg), "classes": self.classes,
                 "history": self.history}
 
     def load(self, state: dict[str, Any]) -> None:
@@ -397,55 +361,56 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         self.scheduler.step_update(self.step)
-        set_rng_states(state["rng"])
+        checkpoint.set_random_states(state["rng"])
 
     def save(self) -> None:
-        if self.dist.main:
-            save_checkpoint(Path(self.cfg.out) / CHECKPOINT_NAME, self.state())
+        if self.world.is_main:
+            checkpoint.atomic_save(self.state(), Path(self.cfg.out) / CHECKPOINT_NAME)
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume, or finish) the run in cfg.out. Returns {"status": "done" | "stopped", "step",
     "epoch", "history", "model_dir" (when done), "pushed" (when pushed)}."""
     launcher_group = distributed.world().size > 1  # a launcher's process group: leave it to the launcher
-    dist = setup_distributed(cfg.device)
+    world, device = setup_distributed(cfg.device)
     try:
-        return _pretrain(cfg, dist)
+        return _pretrain(cfg, world, device)
     finally:
         if not launcher_group:
             distributed.shutdown()
 
 
-def _pretrain(cfg: PretrainConfig, dist: DistEnv) -> dict[str, Any]:
-    accumulation = cfg.accumulation(dist.world_size)
+def _pretrain(cfg: PretrainConfig, world: distributed.World, device: torch.device) -> dict[str, Any]:
+    accumulation = cfg.accumulation(world.size)
     train_folder, val_folder = image_folders(cfg)
     if len(train_folder) < cfg.global_batch:
         raise ValueError(f"{cfg.data}/train has {len(train_folder)} images, fewer than one --global-batch of {cfg.global_batch}")
-    model = create_model(cfg, len(train_folder.classes)).to(dist.device)
-    wrapped = distributed.wrap_model(model)
-    sampler = StepSampler(len(train_folder), cfg.global_batch, cfg.batch_size, dist.rank, dist.world_size, cfg.seed)
+    model = create_model(cfg, len(train_folder.classes)).to(device)
+    wrapped = distributed.wrap_model(model, world)
+    sampler = StepSampler(len(train_folder), cfg.global_batch, cfg.batch_size, world.rank, world.size, cfg.seed)
     optimizer = create_optimizer(cfg, model)
-    run = Run(cfg, dist, model, wrapped, optimizer, create_scheduler(cfg, optimizer, sampler.steps_per_epoch),
+    run = Run(cfg, world, device, model, wrapped, optimizer, create_scheduler(cfg, optimizer, sampler.steps_per_epoch),
               list(train_folder.classes), sampler.steps_per_epoch)
     resume_from = checkpoint_to_resume(cfg)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         check_resumable(state, cfg, run.classes, resume_from)
         run.load(state)
-        if dist.main:
+        if world.is_main:
             log.info("resumed %s at epoch %d, step %d", resume_from, run.epoch + 1, run.step)
     train_loader = DataLoader(SeededTransformDataset(train_folder, train_transform(cfg)), batch_size=cfg.batch_size,
-                              sampler=sampler, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
+                              sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                               persistent_workers=cfg.workers > 0)
-    val_loader = eval_loader(Path(val_folder.root), cfg.img_size, cfg.batch_size, cfg.workers, dist)
+    val_loader = eval_loader(Path(val_folder.root), cfg.img_size, cfg.batch_size, cfg.workers, world,
+                             pin_memory=device.type == "cuda")
     mixup = create_mixup(cfg, len(run.classes))
     criterion = create_criterion(cfg, mixup)
-    writer = _tensorboard(cfg, run.step) if dist.main else None
+    writer = _tensorboard(cfg, run.step) if world.is_main else None
     try:
         while run.epoch < cfg.epochs:
             if not _train_epoch(run, sampler, train_loader, mixup, criterion, accumulation, writer):
                 return {"status": "stopped", "step": run.step, "epoch": run.epoch, "history": run.history}
-            metrics = evaluate(model, val_loader, dist.device, dist)  # the bare model: ranks' shares differ in length
+            metrics = evaluate(model, val_loader, device, world)  # the bare model: ranks' shares differ in length
             run.history.append({"epoch": run.epoch + 1, "step": run.step, **metrics})
             if writer is not None:
                 for name, value in metrics.items():
@@ -471,13 +436,13 @@ def _train_epoch(run: Run, sampler: StepSampler, loader: DataLoader, mixup, crit
     """Train from the run's position to the end of its epoch; False if max_steps stopped it first."""
     from tqdm import tqdm
 
-    cfg, dist = run.cfg, run.dist
+    cfg = run.cfg
     start = run.step - run.epoch * run.steps_per_epoch
     sampler.set_position(run.epoch, start)
     run.wrapped.train()
     batches = iter(loader)
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and dist.main), dynamic_ncols=True)
+               disable=not (cfg.progress and run.world.is_main), dynamic_ncols=True)
     tic, images_seen = time.perf_counter(), 0
     with bar:
         for _ in range(start, run.steps_per_epoch):
@@ -504,15 +469,15 @@ def _train_epoch(run: Run, sampler: StepSampler, loader: DataLoader, mixup, crit
 
 def _optimizer_step(run: Run, batches: Iterator, mixup, criterion, accumulation: int) -> float:
     """One optimizer step over `accumulation` micro-batches; returns the mean training loss (this rank)."""
-    device, total = run.dist.device, 0.0
+    device, total = run.device, 0.0
     for micro in range(accumulation):
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if mixup is not None:
-            with seeded_rngs(sample_seed(run.cfg.seed, run.step, micro, run.dist.rank)):
+            with seeded_rngs(sample_seed(run.cfg.seed, run.step, micro, run.world.rank)):
                 images, labels = mixup(images, labels)
         last = micro == accumulation - 1
-        sync = contextlib.nullcontext() if last or not run.dist.active else run.wrapped.no_sync()
+        sync = contextlib.nullcontext() if last or run.world.size == 1 else run.wrapped.no_sync()
         with sync:
             with bf16_autocast(device):
                 logits = run.wrapped(images)
@@ -531,7 +496,7 @@ def _finish(run: Run) -> dict[str, Any]:
     from methods.pixel_mamba.hub import is_local_repo, push_to_hub, write_model_folder
 
     result = {"status": "done", "step": run.step, "epoch": run.epoch, "history": run.history}
-    if not run.dist.main:
+    if not run.world.is_main:
         return result
     cfg = run.cfg
     metrics = {k: run.history[-1][k] for k in ("epoch", "top1", "top5", "loss")} if run.history else {}
@@ -551,8 +516,7 @@ def bench(cfg: PretrainConfig, steps: int = 20, warmup: int = 5, num_classes: in
     """Images/s of pretraining steps (forward, backward, AdamW; bf16 on GPU) on synthetic images of
     cfg.img_size at cfg.batch_size, one device, no data loading; and the GPU-days that 300 epochs
     (cfg.epochs) of ImageNet-1K take at that speed."""
-    dist = setup_distributed(cfg.device)
-    device = dist.device
+    _, device = setup_distributed(cfg.device)
     model = create_model(cfg, num_classes).to(device)
     optimizer = create_optimizer(cfg, model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)

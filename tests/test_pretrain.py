@@ -106,7 +106,7 @@ def test_checkpoint_holds_the_training_state_and_a_model_folder_is_written(runs)
     folder = runs["root"] / "whole" / "model"
     config = json.loads((folder / "config.json").read_text())
     assert config["num_classes"] == 3 and config["metrics"]["val_top1"] == runs["whole"]["history"][-1]["top1"]
-    assert not list((runs["root"] / "whole").glob(".tmp-*"))  # atomic writes leave nothing behind
+    assert not list((runs["root"] / "whole").glob(".*"))  # atomic writes leave no hidden temporary behind
     assert runs["whole"]["pushed"] == str(runs["root"] / "pushed")
     pushed = (runs["root"] / "pushed" / "model.safetensors").read_bytes()
     assert pushed == (folder / "model.safetensors").read_bytes()
