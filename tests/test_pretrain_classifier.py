@@ -1,17 +1,13 @@
 """The ImageNet classifier is the WSI model's body: same parameter names and shapes, and on one image the
-same final tokens as the WSI model on that image's regions; batched region fusion is the WSI op per image."""
+same final tokens as the WSI model on that image's regions; the token ops on a batch of bags are the
+one-bag ops per image."""
 import pytest
 import torch
 
-from methods.pixel_mamba.classifier import (
-    PixelMambaClassifier,
-    deserialize_batch,
-    pixel_mamba_classifier,
-    region_fusion_batch,
-    serialize_batch,
-)
+from methods.pixel_mamba.classifier import PixelMambaClassifier, pixel_mamba_classifier
+from methods.pixel_mamba.layers import H_AVG, H_CAT, V_AVG, V_CAT
 from methods.pixel_mamba.model import IMAGENET_MEAN, IMAGENET_STD, pixel_mamba
-from methods.pixel_mamba.token_ops import region_fusion, serialize
+from methods.pixel_mamba.token_ops import deserialize, region_fusion, serialize, token_expansion
 
 
 @pytest.mark.parametrize("size", ["6m", "21m"])
@@ -43,24 +39,29 @@ def test_an_image_gives_the_wsi_models_tokens_for_its_regions():
     assert tokens.shape == (2, 1, 384) and sizes.sum(1).tolist() == [6.0, 6.0]
 
 
-def test_batched_region_fusion_is_the_wsi_op_per_image():
+@pytest.mark.parametrize("ties", [False, True])
+def test_batched_region_fusion_is_the_wsi_op_per_image(ties):
     torch.manual_seed(1)
     x, sizes = torch.randn(4, 9, 2, 4, 5), torch.rand(4, 9) + 0.5
-    merged, new_sizes = region_fusion_batch(x, sizes, 3)
+    if ties:  # every region one of two patterns: many pairs equally similar, broken as in one bag
+        x = x[0, :2][torch.randint(0, 2, (4, 9))]
+    merged, new_sizes = region_fusion(x, sizes, 3)
     assert merged.shape == (4, 6, 2, 4, 5)
     for i in range(4):
         expected, expected_sizes = region_fusion(x[i], sizes[i], 3)
-        torch.testing.assert_close(merged[i], expected)
-        torch.testing.assert_close(new_sizes[i], expected_sizes)
-    same, same_sizes = region_fusion_batch(x[:, :1], sizes[:, :1], 3)  # one region: nothing to merge
+        assert torch.equal(merged[i], expected) and torch.equal(new_sizes[i], expected_sizes)
+    same, same_sizes = region_fusion(x[:, :1], sizes[:, :1], 3)  # one region: nothing to merge
     assert torch.equal(same, x[:, :1]) and torch.equal(same_sizes, sizes[:, :1])
 
 
-def test_batched_serialisation_is_per_image_and_round_trips():
+def test_batched_serialisation_and_expansion_are_per_image():
     x = torch.randn(3, 2, 4, 4, 6)
-    seq = serialize_batch(x)
-    assert torch.equal(seq[1], serialize(x[1])[0])
-    assert torch.equal(deserialize_batch(seq, x.shape), x)
+    seq = serialize(x)
+    assert seq.shape == (3, 32, 6) and torch.equal(seq[1], serialize(x[1])[0])
+    assert torch.equal(deserialize(seq, x.shape), x)
+    for te in (H_CAT, H_AVG, V_CAT, V_AVG):
+        expanded = token_expansion(x, te)
+        assert all(torch.equal(expanded[i], token_expansion(x[i], te)) for i in range(3)), te
 
 
 def test_forward_backward_and_refusals():

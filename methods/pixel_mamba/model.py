@@ -49,7 +49,43 @@ class AttentionPoolHead(nn.Module):
         return self.classifier(self.dropout(weights @ x)).unsqueeze(0)
 
 
-class PixelMamba(nn.Module):
+class PixelMambaBody(nn.Module):
+    """The layers, shared by the WSI model and the ImageNet classifier (classifier.py) under the same
+    parameter names (`layers.{i}.*`), so a pretrained classifier's body loads into the WSI model. Each
+    model says how its input becomes normalised regions (`regions`) and adds its own head."""
+
+    def __init__(self, table: tuple[LayerSpec, ...], d_state: int, d_conv: int, expand: int, alpha: float,
+                 checkpoint_layers: bool):
+        super().__init__()
+        self.table = table
+        self.alpha = alpha
+        self.checkpoint_layers = checkpoint_layers
+        self.region_size = output_shape(table[-1])[0][0]
+        self.layers = nn.ModuleList(Block(spec.channels, d_state, d_conv, expand) for spec in table)
+
+    def regions(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The normalised regions of the input: one bag [n, R, R, 3] (a slide) or a batch of bags
+        [B, n, R, R, 3] (images, each fused as a slide of n regions)."""
+        raise NotImplementedError
+
+    def features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final region tokens [..., n', C_last] and their sizes [..., n'] (summing to n in each bag)."""
+        x = self.regions(inputs)  # the only reference: the input regions are freed by layer 1's fusion
+        sizes = torch.ones(x.shape[:-3], device=x.device)
+        schedule = fusion_schedule(x.shape[-4], self.alpha, len(self.layers))
+        for spec, block, k in zip(self.table, self.layers, schedule):
+            seq = serialize(x)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, use_reentrant=False)
+            else:
+                seq = block(seq)
+            x, sizes = region_fusion(deserialize(seq, x.shape), sizes, k)
+            if spec.te is not None:
+                x = token_expansion(x, spec.te)
+        return x.flatten(-3), sizes
+
+
+class PixelMamba(PixelMambaBody):
     def __init__(
         self,
         table: tuple[LayerSpec, ...],
@@ -63,12 +99,7 @@ class PixelMamba(nn.Module):
         dropout: float = 0.0,
         checkpoint_layers: bool = False,
     ):
-        super().__init__()
-        self.table = table
-        self.alpha = alpha
-        self.checkpoint_layers = checkpoint_layers
-        self.region_size = output_shape(table[-1])[0][0]
-        self.layers = nn.ModuleList(Block(spec.channels, d_state, d_conv, expand) for spec in table)
+        super().__init__(table, d_state, d_conv, expand, alpha, checkpoint_layers)
         self.head = AttentionPoolHead(output_shape(table[-1])[1], n_classes, pool_hidden, dropout)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD) * 255, persistent=False)
@@ -76,26 +107,14 @@ class PixelMamba(nn.Module):
     def body_parameters(self) -> int:
         return sum(p.numel() for p in self.layers.parameters())
 
-    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final region tokens (n', C_last) and their sizes (n',) (sum = n) for pixels (n, R, R, 3)."""
+    def regions(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (n, R, R, 3), RGB 0..255 -> normalised (n, R, R, 3): the model's one bag."""
         n, height, width, _ = pixels.shape
         if n == 0:
             raise ValueError("a slide without tissue regions cannot be scored: check its tissue mask")
         if (height, width) != (self.region_size, self.region_size):
             raise ValueError(f"Pixel-Mamba regions are {self.region_size}x{self.region_size} pixels, got {height}x{width}")
-        x = (pixels.float() - self.pixel_mean) / self.pixel_std
-        sizes = torch.ones(n, device=x.device)
-        schedule = fusion_schedule(n, self.alpha, len(self.layers))
-        for spec, block, k in zip(self.table, self.layers, schedule):
-            seq = serialize(x)
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                seq = checkpoint(block, seq, use_reentrant=False)
-            else:
-                seq = block(seq)
-            x, sizes = region_fusion(deserialize(seq, x.shape), sizes, k)
-            if spec.te is not None:
-                x = token_expansion(x, spec.te)
-        return x.reshape(x.shape[0], -1), sizes
+        return (pixels.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits (1, n_classes) of one bag of regions (n, R, R, 3), RGB 0..255, in scan order."""

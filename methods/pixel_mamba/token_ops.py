@@ -1,4 +1,5 @@
-"""Pixel-Mamba's parameter-free token operations on the region tensor `[n_regions, h, w, C]`.
+"""Pixel-Mamba's parameter-free token operations on the region tensor: one bag `[n_regions, h, w, C]`
+(a slide) or a batch of bags `[B, n_regions, h, w, C]` (ImageNet images, the same n in each).
 
 - cutting a slide's 2.5x tissue image into its tissue regions, in region-based zigzag scan order;
 - serialising the region tensor into the mixer's flat sequence (and back);
@@ -49,40 +50,41 @@ def _zigzag_permutation(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 def serialize(x: torch.Tensor) -> torch.Tensor:
-    """`[n, h, w, C]` -> `(1, n*h*w, C)`: regions in their (scan) order, tokens zigzag inside each."""
-    n, h, w, c = x.shape
-    flat = x.reshape(n, h * w, c)
+    """`[n, h, w, C]` -> `(1, n*h*w, C)`, `[B, n, h, w, C]` -> `(B, n*h*w, C)`: one sequence per bag,
+    regions in their (scan) order, tokens zigzag inside each."""
+    n, h, w, c = x.shape[-4:]
+    flat = x.reshape(-1, h * w, c)
     if h > 1 and w > 1:
         flat = flat[:, _zigzag_permutation(h, w, x.device)]
-    return flat.reshape(1, n * h * w, c)
+    return flat.reshape(-1, n * h * w, c)
 
 
-def deserialize(seq: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """The inverse of `serialize`: `(1, n*h*w, C)` -> `[n, h, w, C]` of the given shape."""
-    n, h, w, c = shape
-    flat = seq.reshape(n, h * w, c)
+def deserialize(seq: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `serialize`: `(B, n*h*w, C)` -> the region tensor of the given shape."""
+    h, w, c = shape[-3:]
+    flat = seq.reshape(-1, h * w, c)
     if h > 1 and w > 1:
         flat = flat[:, _zigzag_permutation(h, w, seq.device)]
-    return flat.reshape(n, h, w, c)
+    return flat.reshape(shape)
 
 
 def token_expansion(x: torch.Tensor, te: TokenExpansion) -> torch.Tensor:
     """Merge pairs of neighbouring tokens of each region.
 
-    h: tokens (i, 2j) and (i, 2j+1) -> [n, h, w/2, .]; v: (2i, j) and (2i+1, j) -> [n, h/2, w, .].
+    h: tokens (i, 2j) and (i, 2j+1) -> [..., h, w/2, .]; v: (2i, j) and (2i+1, j) -> [..., h/2, w, .].
     cat: channels of the first token, then of the second (C -> 2C); avg: their mean (C -> C)."""
-    n, h, w, c = x.shape
+    *regions, h, w, c = x.shape
     if te.direction == "h":
         if w % 2:
             raise ValueError(f"horizontal token expansion needs an even token grid width, got {w}")
-        pairs = x.reshape(n, h, w // 2, 2, c)
+        pairs = x.reshape(*regions, h, w // 2, 2, c)
     else:
         if h % 2:
             raise ValueError(f"vertical token expansion needs an even token grid height, got {h}")
-        pairs = x.reshape(n, h // 2, 2, w, c).transpose(2, 3)
+        pairs = x.reshape(*regions, h // 2, 2, w, c).transpose(-3, -2)
     if te.mode == "cat":
-        return pairs.reshape(*pairs.shape[:3], 2 * c)
-    return pairs.mean(dim=3)
+        return pairs.reshape(*pairs.shape[:-2], 2 * c)
+    return pairs.mean(dim=-2)
 
 
 def fusion_schedule(n_input_regions: int, alpha: float, n_layers: int) -> list[int]:
@@ -103,25 +105,32 @@ def fusion_schedule(n_input_regions: int, alpha: float, n_layers: int) -> list[i
 
 
 def region_fusion(x: torch.Tensor, sizes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge away exactly min(k, n-1) regions, each into a scan-order neighbour.
+    """Merge away exactly min(k, n-1) regions of each bag, each into a scan-order neighbour.
 
     The k most similar neighbouring pairs (cosine similarity of mean token features, one value per pair
     of successive regions: linear in n, no n x n matrix) are joined; joined runs of successive regions
     become one region whose tokens are the size-weighted average of its members' tokens and whose size
-    is their sum. Groups keep their place in scan order.
-    x: [n, h, w, C]; sizes: (n,) float, the number of input regions each region stands for."""
-    n = x.shape[0]
+    is their sum. Groups keep their place in scan order. Every bag of a batch loses k regions, so the
+    batch stays a tensor.
+    x: [n, h, w, C] or [B, n, h, w, C]; sizes: x.shape[:-3] float, the number of input regions each
+    region stands for."""
+    n, h, w, c = x.shape[-4:]
     k = min(k, n - 1)
     if k <= 0:
         return x, sizes
+    bags = x.reshape(-1, n, h, w, c)
+    b, kept = bags.shape[0], n - k
     with torch.no_grad():  # the choice of pairs is discrete: no gradient flows through it
-        means = x.detach().float().mean(dim=(1, 2))
-        similarity = F.cosine_similarity(means[:-1], means[1:], dim=1)
-        joined = torch.topk(similarity, k, sorted=False).indices  # pair (i, i+1): i+1 joins i's group
-        starts_group = torch.ones(n, dtype=torch.bool, device=x.device)
-        starts_group[joined + 1] = False
-        group = torch.cumsum(starts_group.long(), 0) - 1
-    new_sizes = torch.zeros(n - k, dtype=sizes.dtype, device=sizes.device).index_add_(0, group, sizes)
-    weight = (sizes / new_sizes[group]).to(x.dtype).view(n, 1, 1, 1)
-    merged = torch.zeros((n - k, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    return merged.index_add_(0, group, x * weight), new_sizes
+        means = bags.detach().float().mean(dim=(2, 3))
+        similarity = F.cosine_similarity(means[:, :-1], means[:, 1:], dim=2)
+        joined = torch.topk(similarity, k, dim=1, sorted=False).indices  # pair (i, i+1): i+1 joins i's group
+        starts_group = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter_(1, joined + 1, False)
+        # Each bag has `kept` groups, so numbering the groups through the whole batch gives bag i's groups
+        # the rows i*kept .. (i+1)*kept - 1 of the flat output: one index_add_ merges every bag.
+        group = torch.cumsum(starts_group.flatten().long(), 0) - 1
+    flat_sizes = sizes.reshape(-1)
+    new_sizes = torch.zeros(b * kept, dtype=sizes.dtype, device=sizes.device).index_add_(0, group, flat_sizes)
+    weight = (flat_sizes / new_sizes[group]).to(x.dtype).view(-1, 1, 1, 1)
+    merged = torch.zeros((b * kept, h, w, c), dtype=x.dtype, device=x.device)
+    merged.index_add_(0, group, bags.flatten(0, 1) * weight)
+    return merged.view(*x.shape[:-4], kept, h, w, c), new_sizes.view(*x.shape[:-4], kept)
