@@ -73,22 +73,24 @@ def test_scan_kernel_last_state(monkeypatch):
 
 @pytest.mark.parametrize("mixer", [BiMambaMixer, SRMambaMixer])
 @pytest.mark.parametrize("path,split", [("ours", False), ("stock", False), ("stock", True)])
-def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split):
-    """ours: the Triton scan and convolution where registered; stock: mamba_ssm and causal_conv1d only,
-    split along L (as past their 32-bit limits) when `split`."""
+@pytest.mark.parametrize("d_model", [3, 24])
+def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split, d_model):
+    """ours: the Triton scan, convolution and (BiMamba) token-wise projections where registered;
+    stock: mamba_ssm, causal_conv1d and cuBLAS only, split along L (as past their 32-bit limits) when
+    `split`."""
     if split:
         monkeypatch.setattr(ssm_cuda, "kernel_segment_length", lambda *shape: 2048)
         monkeypatch.setattr(ssm_cuda, "conv_segment_length", lambda *shape: 1000)
     with backends_gpu.triton_disabled() if path == "stock" else contextlib.nullcontext():
-        _check_mixer_against_cpu(mixer)
+        _check_mixer_against_cpu(mixer, d_model)
 
 
-def _check_mixer_against_cpu(mixer):
+def _check_mixer_against_cpu(mixer, d_model):
     torch.manual_seed(0)
-    cpu = mixer(24)
+    cpu = mixer(d_model)
     gpu = copy.deepcopy(cpu).cuda()
-    hidden = torch.randn(2, 5001, 24)
-    weight = torch.randn(2, 5001, 24)
+    hidden = torch.randn(2, 5001, d_model)
+    weight = torch.randn(2, 5001, d_model)
     outs, grads = [], []
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
         x = hidden.clone().to(device).requires_grad_(True)  # a leaf on each device
@@ -101,10 +103,19 @@ def _check_mixer_against_cpu(mixer):
         assert rel_err(grads[1][name], grads[0][name]) < TOLERANCE, name
 
 
-def test_mixer_bf16_autocast_runs_on_kernels():
-    m = BiMambaMixer(48).cuda()
-    x = torch.randn(1, 100_000, 48, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = m(x)
-    out.float().square().mean().backward()
-    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+@pytest.mark.parametrize("d_model", [3, 48])
+def test_mixer_bf16_autocast_runs_on_kernels(d_model):
+    """Under bf16 autocast the output is bf16 and within bf16 rounding of the fp32 run, input gradient
+    included."""
+    torch.manual_seed(0)
+    m = BiMambaMixer(d_model).cuda()
+    x = torch.randn(1, 100_000, d_model, device="cuda", requires_grad=True)
+    weight = torch.randn(1, 100_000, d_model, device="cuda")
+    outs, grads = [], []
+    for autocast in (True, False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = m(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out.float() * weight).sum(), x)[0])
+    assert outs[0].dtype == torch.bfloat16 and torch.isfinite(grads[0]).all()
+    assert rel_err(outs[0], outs[1]) < 5e-2 and rel_err(grads[0], grads[1]) < 5e-2

@@ -1,6 +1,7 @@
 """Registers the sequence-parallel Triton scan (methods/ssm/triton_scan.py) as the "triton" backend of
 `methods.ssm.scan.selective_scan`, and says by shape where it beats mamba-ssm's stock kernel; switches
-Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA.
+Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA, and the narrow
+mixers' projections to the Triton token-wise linear map (methods/ssm/triton_linear.py).
 
     from methods.ssm import backends_gpu
     backends_gpu.register()          # idempotent; a no-op without CUDA or Triton
@@ -48,36 +49,48 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-_conv_enabled = False
+_kernels_enabled = False  # the Triton convolution and projections
 
 
 def triton_conv(x, weight, bias=None):
     """The Triton short convolution where it is registered and x is on CUDA, else None."""
-    if not (_conv_enabled and x.is_cuda):
+    if not (_kernels_enabled and x.is_cuda):
         return None
     from methods.ssm.triton_conv import causal_conv1d_silu_triton  # imports triton: only when used
 
     return causal_conv1d_silu_triton(x, weight, bias)
 
 
+def channel_linear_for(x, *weight_shapes):
+    """The Triton token-wise linear map (`triton_linear.channel_linear`) where it is registered, x is on
+    CUDA and every (out, in) weight shape fits it, else None (use matmuls)."""
+    if not (_kernels_enabled and x.is_cuda):
+        return None
+    from methods.ssm import triton_linear  # imports triton: only when used
+
+    if all(triton_linear.supports(n_in, n_out) for n_out, n_in in weight_shapes):
+        return triton_linear.channel_linear
+    return None
+
+
 def register() -> bool:
     """Register the "triton" scan backend and the Triton convolution where they can run; returns
     whether it did."""
-    global _conv_enabled
+    global _kernels_enabled
     if not triton_available():
         return False
     register_backend("triton", triton_scan, triton_supports, TRITON_PRIORITY)
-    _conv_enabled = True
+    _kernels_enabled = True
     return True
 
 
 @contextmanager
 def triton_disabled():
-    """Inside this block "auto" never picks the Triton scan and the convolution runs causal-conv1d's
-    kernel (to time the stock path side by side)."""
-    global _conv_enabled
+    """Inside this block "auto" never picks the Triton scan, the convolution runs causal-conv1d's kernel
+    and the projections cuBLAS (to time the stock path side by side)."""
+    global _kernels_enabled
     register_backend("triton", triton_scan, lambda info: False, TRITON_PRIORITY)
-    _conv_enabled = False
+    _kernels_enabled = False
     try:
         yield
     finally:

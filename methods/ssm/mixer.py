@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from methods.ssm import backends_gpu
 from methods.ssm.cuda import causal_conv1d_silu
 from methods.ssm.scan import selective_scan
 
@@ -38,6 +39,13 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
 def _fp32_or_wider(param):
     # The scan takes A, D and the dt bias in fp32 (as mamba_ssm), or fp64 for a float64 module.
     return param.to(torch.promote_types(param.dtype, torch.float32))
+
+
+def _matmul_dtype(x):
+    """The dtype nn.Linear would compute x in: autocast's on x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class _TwoBranchMamba(nn.Module):
@@ -73,18 +81,35 @@ class _TwoBranchMamba(nn.Module):
         self.register_parameter(f"A{suffix}_log", A_log)
         self.register_parameter("D" + suffix, D)
 
-    def _scan_branch(self, x, z, suffix):
-        """One Mamba branch on x, z: (batch, E, L) -> gated scan output (batch, E, L)."""
+    def _scan_branch(self, x, z, suffix, linear=None, dtype=None):
+        """One Mamba branch on x, z: (batch, E, L) -> gated scan output (batch, E, L).
+
+        With `linear` (the Triton token-wise map, see `_channel_linear`) the projections run channel-
+        first in `dtype`, dt_proj folded into x_proj: delta = W_dt (W_x[:R] x) = (W_dt W_x[:R]) x,
+        so x is read once and the dt_rank-wide intermediate never leaves the kernel."""
         conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
         dt_proj, A_log = getattr(self, "dt_proj" + suffix), getattr(self, f"A{suffix}_log")
         x = causal_conv1d_silu(x, conv.weight, conv.bias)
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
+        if linear is None:
+            dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
+            B, C = B.transpose(1, 2), C.transpose(1, 2)
+        else:
+            rank = self.dt_rank
+            w = torch.cat((dt_proj.weight @ x_proj.weight[:rank], x_proj.weight[rank:]))
+            delta, B, C = linear(x, w.to(dtype)).split([self.d_inner, self.d_state, self.d_state], dim=1)
         A = -torch.exp(_fp32_or_wider(A_log))
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2),
-                              _fp32_or_wider(getattr(self, "D" + suffix)), z=z,
+        return selective_scan(x, delta, A, B, C, _fp32_or_wider(getattr(self, "D" + suffix)), z=z,
                               delta_bias=_fp32_or_wider(dt_proj.bias), delta_softplus=True,
                               backend=self.backend)
+
+    def _channel_linear(self, hidden):
+        """The Triton token-wise linear map where every projection of this mixer fits it on hidden's
+        device, else None. Why: at Pixel-Mamba's narrow layers (3-48 model channels, 10^6-10^7 tokens)
+        cuBLAS spends more time on the projections than the scans take (docs/gpu_notes.md)."""
+        inner, state = self.d_inner, self.d_state
+        return backends_gpu.channel_linear_for(hidden, (2 * inner, self.d_model), (inner + 2 * state, inner),
+                                               (self.d_model, inner))
 
     def _check_input(self, hidden):
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
@@ -106,11 +131,32 @@ class BiMambaMixer(_TwoBranchMamba):
 
     def forward(self, hidden):
         self._check_input(hidden)
+        linear = self._channel_linear(hidden)
+        if linear is not None:
+            return self._forward_channel_first(hidden, linear)
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
         y = self._scan_branch(x, z, "")
         if self.bidirectional:
             y = (y + self._scan_branch(x.flip(-1), z.flip(-1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
+
+    def _forward_channel_first(self, hidden, linear):
+        """forward's arithmetic with the token-wise Triton map: every tensor between in_proj and out_proj
+        is channel-first (batch, C, L), and the backward branch reads in_proj's input and writes
+        out_proj's output in reversed token order, so no flip is ever copied."""
+        dtype = _matmul_dtype(hidden)
+        h = hidden.transpose(1, 2).to(dtype)
+        w_in, w_out = self.in_proj.weight.to(dtype), self.out_proj.weight.to(dtype)
+        inner = self.d_inner
+        x, z = linear(h, w_in).split(inner, dim=1)
+        y = self._scan_branch(x, z, "", linear, dtype)
+        if not self.bidirectional:
+            return linear(y, w_out, token_major_out=True).transpose(1, 2)
+        x_b, z_b = linear(h, w_in, reverse=True).split(inner, dim=1)
+        y_b = self._scan_branch(x_b, z_b, "_b", linear, dtype)
+        half = w_out / 2  # out_proj((y + flip(y_b)) / 2) as two maps: the flip is a read order
+        out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
+        return out.transpose(1, 2)
 
 
 def sr_reorder(x, rate: int):
