@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 # A program takes TILE (channel, token) elements over NUM_WARPS warps: 8 per thread, which keeps the
-# backward (it recomputes the pre-activation at the W tokens its dx needs) out of local memory.
+# backward (it holds an x window of 2W - 1 tokens and recomputes W pre-activations) out of local memory.
 TILE = 1024
 NUM_WARPS = 4
 MAX_BLOCK_E = 8
@@ -40,21 +40,33 @@ def _tile(b_ptr, E, L, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
-def _x_at(x_ptr, x_base, e, src, emask, tmask, s_e, s_l):
-    """[BE, BT] tile of x at tokens src, zero before the first token (the causal padding)."""
-    m = emask[:, None] & ((src >= 0) & tmask)[None, :]
-    return tl.load(x_ptr + x_base + e.to(tl.int64)[:, None] * s_e + src.to(tl.int64)[None, :] * s_l, mask=m,
-                   other=0.0).to(tl.float32)
+def _weights(w_ptr, e, emask, W: tl.constexpr):
+    """The W taps of the program's channels, a tuple of [BE] fp32."""
+    ws = ()
+    for k in tl.static_range(W):
+        ws = ws + (tl.load(w_ptr + e * W + k, mask=emask, other=0.0).to(tl.float32),)
+    return ws
 
 
 @triton.jit
-def _pre_activation(x_ptr, w_ptr, bias, t, e, tmask, emask, s_e, s_l, x_base, W: tl.constexpr,
-                    BE: tl.constexpr, BT: tl.constexpr):
-    """bias + sum_k w[e, k] x[t - (W - 1) + k]: [BE, BT] fp32."""
+def _x_window(x_ptr, x_base, e, t, emask, L, s_e, s_l, W: tl.constexpr, COUNT: tl.constexpr):
+    """x at tokens t - (W - 1) + i for i < COUNT, a tuple of [BE, BT] fp32 tiles, zero outside [0, L)
+    (before the first token: the causal padding). Loaded once, shared by every pre-activation."""
+    rows = x_base + e.to(tl.int64)[:, None] * s_e
+    xs = ()
+    for i in tl.static_range(COUNT):
+        src = t - (W - 1) + i
+        m = emask[:, None] & ((src >= 0) & (src < L))[None, :]
+        xs = xs + (tl.load(x_ptr + rows + src.to(tl.int64)[None, :] * s_l, mask=m, other=0.0).to(tl.float32),)
+    return xs
+
+
+@triton.jit
+def _pre_activation(ws, xs, bias, j: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    """bias + sum_k w[k] x[t + j - (W - 1) + k] (the pre-activation at token t + j): [BE, BT] fp32."""
     acc = tl.zeros([BE, BT], dtype=tl.float32) + bias[:, None]
     for k in tl.static_range(W):
-        wk = tl.load(w_ptr + e * W + k, mask=emask, other=0.0).to(tl.float32)
-        acc += wk[:, None] * _x_at(x_ptr, x_base, e, t - (W - 1) + k, emask, tmask, s_e, s_l)
+        acc += ws[k][:, None] * xs[j + k]
     return acc
 
 
@@ -68,7 +80,8 @@ def _channel_first(e, t, pid_b, E, L):
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, E, L, s_b, s_e, s_l,
                      HAS_BIAS: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
     t, e, pid_b, tmask, emask, bias = _tile(b_ptr, E, L, HAS_BIAS, BE, BT)
-    pre = _pre_activation(x_ptr, w_ptr, bias, t, e, tmask, emask, s_e, s_l, pid_b * s_b, W, BE, BT)
+    xs = _x_window(x_ptr, pid_b * s_b, e, t, emask, L, s_e, s_l, W, W)
+    pre = _pre_activation(_weights(w_ptr, e, emask, W), xs, bias, 0, W, BE, BT)
     y = pre * tl.sigmoid(pre)
     tl.store(y_ptr + _channel_first(e, t, pid_b, E, L), y.to(y_ptr.dtype.element_ty),
              mask=emask[:, None] & tmask[None, :])
@@ -78,28 +91,29 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, E, L, s_b, s_e, s_l,
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, E, L, s_b, s_e, s_l,
                      g_b, g_e, g_l, HAS_BIAS: tl.constexpr, W: tl.constexpr, BE: tl.constexpr,
                      BT: tl.constexpr):
-    """dx[t] = sum_j w[W - 1 - j] dpre[t + j] with dpre = dy * silu'(pre), pre recomputed (the x reads
-    repeat from cache); dw and dbias are summed per program into (programs, E, W) and (programs, E)."""
+    """dx[t] = sum_j w[W - 1 - j] dpre[t + j] with dpre = dy * silu'(pre), the pre-activations at
+    t .. t + W - 1 recomputed from one x window of 2W - 1 tokens; dw and dbias of the program's own
+    tokens are summed into (programs, E, W) and (programs, E)."""
     t, e, pid_b, tmask, emask, bias = _tile(b_ptr, E, L, HAS_BIAS, BE, BT)
-    x_base = pid_b * s_b
+    ws = _weights(w_ptr, e, emask, W)
+    xs = _x_window(x_ptr, pid_b * s_b, e, t, emask, L, s_e, s_l, W, 2 * W - 1)
+    g_rows = pid_b * g_b + e.to(tl.int64)[:, None] * g_e
     dx = tl.zeros([BE, BT], dtype=tl.float32)
+    own = tl.zeros([BE, BT], dtype=tl.float32)
     for j in tl.static_range(W):
         s = t + j
-        smask = s < L
-        pre = _pre_activation(x_ptr, w_ptr, bias, s, e, smask, emask, s_e, s_l, x_base, W, BE, BT)
-        m = emask[:, None] & smask[None, :]
-        dy = tl.load(dy_ptr + pid_b * g_b + e.to(tl.int64)[:, None] * g_e + s.to(tl.int64)[None, :] * g_l,
-                     mask=m, other=0.0).to(tl.float32)
+        m = emask[:, None] & (s < L)[None, :]
+        dy = tl.load(dy_ptr + g_rows + s.to(tl.int64)[None, :] * g_l, mask=m, other=0.0).to(tl.float32)
+        pre = _pre_activation(ws, xs, bias, j, W, BE, BT)
         sig = tl.sigmoid(pre)
         dpre = tl.where(m, dy * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-        w_j = tl.load(w_ptr + e * W + (W - 1 - j), mask=emask, other=0.0).to(tl.float32)
-        dx += w_j[:, None] * dpre
-        if j == 0:  # the weight and bias gradients of this program's own tokens
-            part = (pid_b * tl.num_programs(0) + tl.program_id(0)) * E + e
-            tl.store(db_ptr + part, tl.sum(dpre, axis=1), mask=emask)
-            for k in tl.static_range(W):
-                xk = _x_at(x_ptr, x_base, e, t - (W - 1) + k, emask, tmask, s_e, s_l)
-                tl.store(dw_ptr + part * W + k, tl.sum(dpre * xk, axis=1), mask=emask)
+        dx += ws[W - 1 - j][:, None] * dpre
+        if j == 0:
+            own = dpre
+    part = (pid_b * tl.num_programs(0) + tl.program_id(0)) * E + e
+    tl.store(db_ptr + part, tl.sum(own, axis=1), mask=emask)
+    for k in tl.static_range(W):
+        tl.store(dw_ptr + part * W + k, tl.sum(own * xs[k], axis=1), mask=emask)
     tl.store(dx_ptr + _channel_first(e, t, pid_b, E, L), dx.to(dx_ptr.dtype.element_ty),
              mask=emask[:, None] & tmask[None, :])
 

@@ -24,6 +24,8 @@ MAX_OUT = 256    # N: the backward holds all of it in one tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FWD_BLOCK_N = 64
 TILE = 8192      # elements of the largest [rows, tokens] tile a program holds
+FWD_MAX_L = 128  # tokens per tile, forward and backward
+BWD_MAX_L = 64
 PARTIALS = 1024  # programs of the backward, each summing dW over its stretch of tokens
 
 
@@ -116,7 +118,7 @@ class ChannelLinear(torch.autograd.Function):
         else:
             y = x.new_empty(batch, n_out, length)
         block_k, block_n = _block(k_in), min(FWD_BLOCK_N, _block(n_out))
-        block_l = max(16, min(128, TILE // max(block_k, block_n)))
+        block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
         grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)
         _fwd_kernel[grid](x, w, y, k_in, n_out, length, *x.stride(), *y.stride(), REVERSE=reverse,
                           PRECISION=_precision(x.dtype), UPCAST=_interpreting(), BK=block_k, BN=block_n,
@@ -131,7 +133,7 @@ class ChannelLinear(torch.autograd.Function):
         batch, k_in, length = x.shape
         n_out = w.shape[0]
         block_k, block_n = _block(k_in), _block(n_out)
-        block_l = max(16, min(64, TILE // max(block_k, block_n)))
+        block_l = max(16, min(BWD_MAX_L, TILE // max(block_k, block_n)))
         programs = max(1, min(triton.cdiv(length, block_l), PARTIALS // batch))
         span = triton.cdiv(triton.cdiv(length, programs), block_l) * block_l
         programs = triton.cdiv(length, span)
