@@ -75,9 +75,8 @@ def test_scan_kernel_last_state(monkeypatch):
 @pytest.mark.parametrize("path,split", [("ours", False), ("stock", False), ("stock", True)])
 @pytest.mark.parametrize("d_model", [3, 24])
 def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split, d_model):
-    """ours: the Triton scan, convolution and (BiMamba) token-wise projections where registered;
-    stock: mamba_ssm, causal_conv1d and cuBLAS only, split along L (as past their 32-bit limits) when
-    `split`."""
+    """ours: the Triton scan and convolution where registered; stock: mamba_ssm and causal_conv1d only,
+    split along L (as past their 32-bit limits) when `split`."""
     if split:
         monkeypatch.setattr(ssm_cuda, "kernel_segment_length", lambda *shape: 2048)
         monkeypatch.setattr(ssm_cuda, "conv_segment_length", lambda *shape: 1000)
@@ -85,7 +84,17 @@ def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split, d_mo
         _check_mixer_against_cpu(mixer, d_model)
 
 
-def _check_mixer_against_cpu(mixer, d_model):
+@pytest.mark.parametrize("d_model", [3, 24])
+def test_bimamba_channel_first_path_equals_cpu_path(d_model):
+    """The path bf16 training takes (token-wise Triton projections, reversed reads for the backward
+    branch), here in fp32 against the CPU to 1e-4: fp32 mixers choose cuBLAS, so it is called directly."""
+    from methods.ssm.triton_linear import channel_linear
+
+    _check_mixer_against_cpu(BiMambaMixer, d_model,
+                             lambda module, x: module._forward_channel_first(x, channel_linear))
+
+
+def _check_mixer_against_cpu(mixer, d_model, gpu_forward=None):
     torch.manual_seed(0)
     cpu = mixer(d_model)
     gpu = copy.deepcopy(cpu).cuda()
@@ -94,7 +103,7 @@ def _check_mixer_against_cpu(mixer, d_model):
     outs, grads = [], []
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
         x = hidden.clone().to(device).requires_grad_(True)  # a leaf on each device
-        out = module(x)
+        out = gpu_forward(module, x) if gpu_forward and device == "cuda" else module(x)
         (out * weight.to(device)).sum().backward()
         outs.append(out)
         grads.append({"input": x.grad, **{n: p.grad for n, p in module.named_parameters()}})

@@ -61,14 +61,16 @@ def triton_conv(x, weight, bias=None):
     return causal_conv1d_silu_triton(x, weight, bias)
 
 
-def channel_linear_for(x, *weight_shapes):
+def channel_linear_for(x, dtype, *weight_shapes):
     """The Triton token-wise linear map (`triton_linear.channel_linear`) where it is registered, x is on
-    CUDA and every (out, in) weight shape fits it, else None (use matmuls)."""
+    CUDA, the matmuls run in a dtype where it beats cuBLAS and every (out, in) weight shape fits it,
+    else None (use matmuls)."""
     if not (_kernels_enabled and x.is_cuda):
         return None
     from methods.ssm import triton_linear  # imports triton: only when used
 
-    if all(triton_linear.supports(n_in, n_out) for n_out, n_in in weight_shapes):
+    if dtype in triton_linear.FAST_DTYPES and all(triton_linear.supports(n_in, n_out)
+                                                   for n_out, n_in in weight_shapes):
         return triton_linear.channel_linear
     return None
 

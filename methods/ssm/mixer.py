@@ -105,11 +105,11 @@ class _TwoBranchMamba(nn.Module):
 
     def _channel_linear(self, hidden):
         """The Triton token-wise linear map where every projection of this mixer fits it on hidden's
-        device, else None. Why: at Pixel-Mamba's narrow layers (3-48 model channels, 10^6-10^7 tokens)
-        cuBLAS spends more time on the projections than the scans take (docs/gpu_notes.md)."""
+        device and dtype, else None. Why: at Pixel-Mamba's narrow layers (3-48 model channels, 10^6-10^7
+        tokens) cuBLAS spent about 21 of a 73 ms bf16 mixer step on the projections (docs/gpu_notes.md)."""
         inner, state = self.d_inner, self.d_state
-        return backends_gpu.channel_linear_for(hidden, (2 * inner, self.d_model), (inner + 2 * state, inner),
-                                               (self.d_model, inner))
+        return backends_gpu.channel_linear_for(hidden, _matmul_dtype(hidden), (2 * inner, self.d_model),
+                                               (inner + 2 * state, inner), (self.d_model, inner))
 
     def _check_input(self, hidden):
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:

@@ -22,11 +22,17 @@ import triton.language as tl
 MAX_IN = 128     # K: all of it in one tile
 MAX_OUT = 256    # N: the backward holds all of it in one tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Where it beats cuBLAS: 16-bit tiles go through the tensor cores. float32 ones take tl.dot's exact FMA
+# path, whose backward ran 10-50x slower than cuBLAS on an H200 (docs/gpu_notes.md): correct, but the
+# mixers keep float32 on matmuls.
+FAST_DTYPES = (torch.bfloat16, torch.float16)
 FWD_BLOCK_N = 64
 TILE = 8192      # elements of the largest [rows, tokens] tile a program holds
-FWD_MAX_L = 128  # tokens per tile, forward and backward
-BWD_MAX_L = 64
-PARTIALS = 1024  # programs of the backward, each summing dW over its stretch of tokens
+# Tokens per tile and backward programs: the best of a sweep on an H200 at the 6-channel layer's
+# shapes (docs/gpu_notes.md, session 4).
+FWD_MAX_L = 256
+BWD_MAX_L = 128
+PARTIALS = 4096  # programs of the backward, each summing dW over its stretch of tokens
 
 
 @triton.jit
