@@ -76,8 +76,8 @@ def channel_linear_for(x, dtype, *weight_shapes):
 
 
 def register() -> bool:
-    """Register the "triton" scan backend and the Triton convolution where they can run; returns
-    whether it did."""
+    """Register the "triton" scan backend, the Triton convolution and the projections' token-wise map
+    where they can run; returns whether it did."""
     global _kernels_enabled
     if not triton_available():
         return False
