@@ -1,11 +1,9 @@
 """The survival head as the baselines use it: NLL against an independent implementation, bins from
-uncensored training times, C-index against a naive pairwise count."""
-import itertools
+uncensored training times (the C-index against a naive pairwise count is in test_metrics.py)."""
 
 import numpy as np
 import torch
 
-from benchmark.metrics import c_index
 from methods.losses import nll_survival_loss, survival_bin_edges, survival_bins, survival_risk
 
 
@@ -49,18 +47,3 @@ def test_bins_from_uncensored_quartiles_cover_everyone():
     assert list(bins[:5]) == [0, 1, 2, 3, 3]
 
 
-def naive_c_index(time, event, risk):
-    concordant = comparable = 0.0
-    for i, j in itertools.permutations(range(len(time)), 2):
-        if event[i] and time[i] < time[j]:  # i died first: a comparable pair
-            comparable += 1
-            concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
-    return concordant / comparable
-
-
-def test_c_index_equals_naive_pairwise_count():
-    rng = np.random.default_rng(1)
-    time = rng.exponential(20, size=30).round(1)
-    event = (rng.random(30) < 0.6).astype(int)
-    risk = np.round(-time / 10 + rng.normal(size=30), 1)  # rounded: some ties in risk
-    np.testing.assert_allclose(c_index(time, event, risk), naive_c_index(time, event, risk), rtol=1e-12)
