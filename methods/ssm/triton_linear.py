@@ -61,17 +61,8 @@ def _upcast(tile, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _matmul(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] @ b [K, T]: tl.dot, or for tiny M x K broadcast FMAs in float32 (no padding of every
-    side to 16, and no tensor-core layouts to convert from)."""
-    if DOT:
-        return tl.dot(a, b, input_precision=PRECISION)
-    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-
-
-@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, K, N, L, sx_b, sx_k, sx_l, sy_b, sy_n, sy_l,
-                REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     t = tl.program_id(0) * BL + tl.arange(0, BL)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -80,14 +71,14 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, K, N, L, sx_b, sx_k, sx_l, sy_b, sy_n, sy_l
     tmask = t < L
     x = _load_rows(x_ptr, b * sx_b, k, K, _src(t, L, REVERSE), tmask, sx_k, sx_l, UPCAST)
     w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
-    y = _matmul(_upcast(w, UPCAST), x, DOT, PRECISION)
+    y = tl.dot(_upcast(w, UPCAST), x, input_precision=PRECISION)
     offs = b * sy_b + n.to(tl.int64)[:, None] * sy_n + t.to(tl.int64)[None, :] * sy_l
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=(n < N)[:, None] & tmask[None, :])
 
 
 @triton.jit
 def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, K, N, L, span, sx_b, sx_k, sx_l, sg_b, sg_n, sg_l,
-                REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     """dx = W^T dy over this program's `span` tokens, written contiguous (batch, K, L); the program's
     sum of dy x^T goes to its slot of dw (batch x programs, N, K) in float32."""
@@ -96,10 +87,7 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, K, N, L, span, sx_b, sx_k,
     b = tl.program_id(1).to(tl.int64)
     w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
     w_t = tl.trans(_upcast(w, UPCAST))
-    if DOT:
-        dw = tl.zeros([BN, BK], dtype=tl.float32)
-    else:  # per-token products, summed over tokens once at the end (no cross-lane sum per tile)
-        dw_tokens = tl.zeros([BN, BK, BL], dtype=tl.float32)
+    dw = tl.zeros([BN, BK], dtype=tl.float32)
     start = tl.program_id(0) * span
     for c in range(start, tl.minimum(start + span, L), BL):
         t = c + tl.arange(0, BL)
@@ -107,29 +95,17 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, K, N, L, span, sx_b, sx_k,
         src = _src(t, L, REVERSE)
         dy = _load_rows(dy_ptr, b * sg_b, n, N, t, tmask, sg_n, sg_l, UPCAST)
         x = _load_rows(x_ptr, b * sx_b, k, K, src, tmask, sx_k, sx_l, UPCAST)
-        dx = _matmul(w_t, dy, DOT, PRECISION)
+        dx = tl.dot(w_t, dy, input_precision=PRECISION)
         offs = (b * K + k.to(tl.int64))[:, None] * L + src.to(tl.int64)[None, :]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=(k < K)[:, None] & tmask[None, :])
-        if DOT:
-            dw = tl.dot(dy, tl.trans(x), dw, input_precision=PRECISION)
-        else:
-            dw_tokens += dy.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
-    if not DOT:
-        dw = tl.sum(dw_tokens, axis=2)
+        dw = tl.dot(dy, tl.trans(x), dw, input_precision=PRECISION)
     slot = b * tl.num_programs(0) + tl.program_id(0)
     tl.store(dw_ptr + slot * N * K + n[:, None] * K + k[None, :], dw,
              mask=(n < N)[:, None] & (k < K)[None, :])
 
 
-FMA_MAX = 64  # K x N (padded to powers of two) up to which the map multiplies without tl.dot
-
-
-def _uses_dot(k_in: int, n_out: int) -> bool:
-    return triton.next_power_of_2(k_in) * triton.next_power_of_2(n_out) > FMA_MAX
-
-
-def _block(n: int, dot: bool) -> int:
-    return max(16, triton.next_power_of_2(n)) if dot else triton.next_power_of_2(n)  # tl.dot: sides >= 16
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot wants every side >= 16
 
 
 def _precision(dtype) -> str:
@@ -147,13 +123,12 @@ class ChannelLinear(torch.autograd.Function):
             y = x.new_empty(batch, length, n_out).transpose(1, 2)
         else:
             y = x.new_empty(batch, n_out, length)
-        dot = _uses_dot(k_in, n_out)
-        block_k, block_n = _block(k_in, dot), min(FWD_BLOCK_N, _block(n_out, dot))
-        block_l = max(16, min(FWD_MAX_L, TILE // (max(block_k, block_n) if dot else block_k * block_n)))
+        block_k, block_n = _block(k_in), min(FWD_BLOCK_N, _block(n_out))
+        block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
         grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)
         _fwd_kernel[grid](x, w, y, k_in, n_out, length, *x.stride(), *y.stride(), REVERSE=reverse,
-                          PRECISION=_precision(x.dtype), UPCAST=_interpreting(), DOT=dot, BK=block_k,
-                          BN=block_n, BL=block_l)
+                          PRECISION=_precision(x.dtype), UPCAST=_interpreting(), BK=block_k, BN=block_n,
+                          BL=block_l)
         ctx.save_for_backward(x, w)
         ctx.reverse = reverse
         return y
@@ -163,10 +138,8 @@ class ChannelLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         batch, k_in, length = x.shape
         n_out = w.shape[0]
-        dot = _uses_dot(k_in, n_out)
-        block_k, block_n = _block(k_in, dot), _block(n_out, dot)
-        # without tl.dot the backward holds two [N, K, tokens] tiles of products (dx's and dW's)
-        block_l = max(16, min(BWD_MAX_L, TILE // (max(block_k, block_n) if dot else 2 * block_k * block_n)))
+        block_k, block_n = _block(k_in), _block(n_out)
+        block_l = max(16, min(BWD_MAX_L, TILE // max(block_k, block_n)))
         programs = max(1, min(triton.cdiv(length, block_l), PARTIALS // batch))
         span = triton.cdiv(triton.cdiv(length, programs), block_l) * block_l
         programs = triton.cdiv(length, span)
@@ -174,7 +147,7 @@ class ChannelLinear(torch.autograd.Function):
         dw_part = torch.empty(batch * programs, n_out, k_in, device=x.device, dtype=torch.float32)
         _bwd_kernel[(programs, batch)](x, w, dy, dx, dw_part, k_in, n_out, length, span, *x.stride(),
                                        *dy.stride(), REVERSE=ctx.reverse, PRECISION=_precision(x.dtype),
-                                       UPCAST=_interpreting(), DOT=dot,
+                                       UPCAST=_interpreting(),
                                        BK=block_k, BN=block_n, BL=block_l)
         return dx, dw_part.sum(0).to(w.dtype), None, None
 
