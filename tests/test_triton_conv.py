@@ -1,5 +1,5 @@
 """The Triton short convolution (causal depthwise conv1d + bias + SiLU) against F.conv1d in float64:
-output and the gradients of x, weight and bias, for strided and contiguous inputs, one and two channel
+output and the gradients of x, weight and bias, for strided and contiguous inputs, one and five channel
 blocks, lengths that are no multiple of the token block, with and without bias.
 
 On CUDA the kernels run on the GPU; on the CPU the same checks run in Triton's interpreter

@@ -11,6 +11,7 @@ mixers' projections to the Triton token-wise linear map (methods/ssm/triton_line
 from __future__ import annotations
 
 import importlib.util
+import os
 from contextlib import contextmanager
 
 import torch
@@ -30,6 +31,11 @@ MAX_STATE = 64
 # few segments to fill it and both take well under a millisecond.
 STOCK_WINS_FROM_ROWS = 2048
 MIN_LENGTH = 4096
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter (TRITON_INTERPRET=1: the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:

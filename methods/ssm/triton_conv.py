@@ -5,7 +5,7 @@ block that walks the sequence, like the stock scan, so at Pixel-Mamba's first la
 10^7 tokens) it keeps a few multiprocessors busy (23 ms forward + backward at 6 x 16.8 M on an H100, where
 the bytes need ~0.2 ms); its channel-last kernel refuses channel counts that are not multiples of 8, and
 PyTorch's depthwise conv computes the weight gradient at ~80 ms for that shape. Here every program
-takes a tile of tokens x channels, so any shape fills the GPU; the op is memory-bound.
+takes a tile of channels x tokens, so any shape fills the GPU.
 
 Layouts: x, dy are read in their own strides; y and dx are written channel-first (batch, channels, L)
 contiguous, what the mixer's token-wise projections and the scan read fastest. A program's tile is

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from methods.ssm.backends_gpu import triton_interpreting
+
 MAX_IN = 128     # K: all of it in one tile
 MAX_OUT = 256    # N: the backward holds all of it in one tile
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,8 +129,8 @@ class ChannelLinear(torch.autograd.Function):
         block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
         grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)
         _fwd_kernel[grid](x, w, y, k_in, n_out, length, *x.stride(), *y.stride(), REVERSE=reverse,
-                          PRECISION=_precision(x.dtype), UPCAST=_interpreting(), BK=block_k, BN=block_n,
-                          BL=block_l)
+                          PRECISION=_precision(x.dtype), UPCAST=triton_interpreting(), BK=block_k,
+                          BN=block_n, BL=block_l)
         ctx.save_for_backward(x, w)
         ctx.reverse = reverse
         return y
@@ -147,14 +149,8 @@ class ChannelLinear(torch.autograd.Function):
         dw_part = torch.empty(batch * programs, n_out, k_in, device=x.device, dtype=torch.float32)
         _bwd_kernel[(programs, batch)](x, w, dy, dx, dw_part, k_in, n_out, length, span, *x.stride(),
                                        *dy.stride(), REVERSE=ctx.reverse, PRECISION=_precision(x.dtype),
-                                       UPCAST=_interpreting(),
-                                       BK=block_k, BN=block_n, BL=block_l)
+                                       UPCAST=triton_interpreting(), BK=block_k, BN=block_n, BL=block_l)
         return dx, dw_part.sum(0).to(w.dtype), None, None
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(in_features: int, out_features: int) -> bool:

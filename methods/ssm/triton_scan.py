@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from methods.ssm.backends_gpu import triton_interpreting
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); ex2 is the hardware op
 
 # Launch geometry. BLOCK_L tokens form one chunk (one associative scan); a segment is a whole number
@@ -412,7 +414,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    if not u.is_cuda and not _interpreting():
+    if not u.is_cuda and not triton_interpreting():
         raise ValueError("the triton selective scan runs on CUDA tensors; use backend='reference' on CPU")
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, channels, length), got {tuple(u.shape)} "
@@ -436,11 +438,6 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     if length >= 2**31:
         raise ValueError(f"sequence length {length} exceeds 2^31 - 1; split the sequence")
     return batch, channels, length, d_state
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _contig(x):
