@@ -169,12 +169,18 @@ def scan_inputs(channels: int, tokens: int, dtype: torch.dtype, seed: int = 0) -
 
 
 def scan_paths() -> dict:
+    """ours: the CUDA scan where it builds, else the Triton scan; triton: the Triton scan beside it."""
     paths = {}
     try:
+        from methods.ssm import cuda_scan
         from methods.ssm.triton_scan import selective_scan_triton
-        paths["ours"] = selective_scan_triton
+        if cuda_scan.extension() is not None:
+            paths["ours"] = cuda_scan.selective_scan_cuda_sp
+            paths["triton"] = selective_scan_triton
+        else:
+            paths["ours"] = selective_scan_triton
     except ImportError as err:
-        print(f"[scan] our Triton scan unavailable: {err}", file=sys.stderr)
+        print(f"[scan] our scans unavailable: {err}", file=sys.stderr)
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         paths["stock"] = selective_scan_fn
@@ -228,7 +234,7 @@ def bench_scan(shapes, dtype, copy_gbs, paths=None) -> list[dict]:
 
 @contextlib.contextmanager
 def scan_path(path: str):
-    """'ours': the Triton scan registered (auto picks it where it is faster); 'stock': mamba-ssm's kernel."""
+    """'ours': our scans registered (auto picks them where they are faster); 'stock': mamba-ssm's kernel."""
     from methods.ssm import backends_gpu
 
     backends_gpu.register()

@@ -1,6 +1,7 @@
-"""The sequence-parallel Triton scan against the float64 CPU oracle (methods.ssm.scan.selective_scan_ref):
-outputs, last state and every gradient, on fresh random data, fp32 and bf16 inputs, at lengths that are
-no multiple of any block or segment size and with several segments and channel blocks."""
+"""The sequence-parallel scans, Triton (methods/ssm/triton_scan.py) and CUDA (methods/ssm/cuda_scan.py),
+against the float64 CPU oracle (methods.ssm.scan.selective_scan_ref): outputs, last state and every
+gradient, on fresh random data, fp32 and bf16 inputs, at lengths that are no multiple of any block or
+segment size and with several segments, superblocks and channel blocks."""
 import pytest
 import torch
 
@@ -55,12 +56,29 @@ def _rel(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=True, with_bias=True,
-           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False):
-    from methods.ssm import triton_scan
+IMPLS = ("triton", "cuda")
 
-    if target_programs is not None:  # force many segments on a short sequence
-        monkeypatch.setattr(triton_scan, "TARGET_PROGRAMS", target_programs)
+
+def _scan_fn(impl, monkeypatch, target_programs=None):
+    """The scan `impl`; with target_programs, geometry forced to many segments on a short sequence."""
+    if impl == "triton":
+        from methods.ssm import triton_scan
+
+        if target_programs is not None:
+            monkeypatch.setattr(triton_scan, "TARGET_PROGRAMS", target_programs)
+        return triton_scan.selective_scan_triton
+    from methods.ssm import cuda_scan
+
+    assert cuda_scan.extension() is not None, "the CUDA scan did not build (see the warning)"
+    if target_programs is not None:  # blocks of 4-8 segments: several superblocks per sequence
+        monkeypatch.setattr(cuda_scan, "TARGET_BLOCKS", max(1, target_programs // 8))
+        monkeypatch.setattr(cuda_scan, "MIN_SEGMENT", 8)
+    return cuda_scan.selective_scan_cuda_sp
+
+
+def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=True, with_bias=True,
+           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False, impl="triton"):
+    scan = _scan_fn(impl, monkeypatch, target_programs)
     gen = torch.Generator().manual_seed(seed)
     ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen, strided)
     oracle_ins = {k: None if v is None else v.detach().double().cpu().requires_grad_(True)
@@ -68,8 +86,7 @@ def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=Tr
     dout = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)
 
     _poison_allocator()
-    out, last = triton_scan.selective_scan_triton(*ins.values(), delta_softplus=softplus,
-                                                  return_last_state=True)
+    out, last = scan(*ins.values(), delta_softplus=softplus, return_last_state=True)
     ref, ref_last = selective_scan_ref(*oracle_ins.values(), delta_softplus=softplus,
                                        return_last_state=True)
     assert out.dtype == dtype and out.shape == (batch, channels, length)
@@ -86,43 +103,59 @@ def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=Tr
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
 
 
-@pytest.mark.parametrize("batch,channels,length,state,target_programs", [
-    (1, 6, 4099, 16, None),     # Pixel-Mamba layer-1 width, one block of 8 channels
+CASES = [
+    (1, 6, 4099, 16, None),     # Pixel-Mamba layer-1 width, one channel block
     (2, 6, 1000, 16, 64),       # many short segments (uneven last one)
-    (1, 20, 777, 16, 12),       # three channel blocks: dB / dC accumulate across blocks
-    (1, 3, 33, 5, 2),           # odd state count, length one past a chunk
-])
-def test_fp32_matches_oracle(batch, channels, length, state, target_programs, monkeypatch):
+    (1, 20, 777, 16, 12),       # several channel blocks: dB / dC accumulate across blocks
+    (1, 12, 70001, 16, None),   # 16 channel slots, a partial last superblock
+    (1, 3, 33, 5, 2),           # odd state count (Triton only), length one past a chunk
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,channels,length,state,target_programs", CASES)
+def test_fp32_matches_oracle(batch, channels, length, state, target_programs, impl, monkeypatch):
+    if impl == "cuda" and state != 16:
+        pytest.skip("the CUDA scan is built for d_state 16")
     _check(batch, channels, length, state, torch.float32, 1e-4, target_programs=target_programs,
-           seed=length, monkeypatch=monkeypatch)
+           seed=length, monkeypatch=monkeypatch, impl=impl)
 
 
-def test_fp32_without_optional_inputs(monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_without_optional_inputs(impl, monkeypatch):
     _check(2, 12, 517, 16, torch.float32, 1e-4, with_d=False, with_z=False, with_bias=False,
-           softplus=False, target_programs=16, seed=1, monkeypatch=monkeypatch)
+           softplus=False, target_programs=16, seed=1, monkeypatch=monkeypatch, impl=impl)
 
 
-def test_fp32_strided_views_match_oracle(monkeypatch):
-    """Inputs and output gradient as transposed views (the mixer's layout) are read in place."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_strided_views_match_oracle(impl, monkeypatch):
+    """Inputs and output gradient as transposed views (the mixer's layout) give the same results."""
     _check(2, 6, 1234, 16, torch.float32, 1e-4, target_programs=24, seed=7, monkeypatch=monkeypatch,
-           strided=True)
+           strided=True, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("channels,length", [(6, 3001), (48, 1500)])
-def test_bf16_inputs_match_oracle(channels, length, monkeypatch):
+def test_bf16_inputs_match_oracle(channels, length, impl, monkeypatch):
     _check(1, channels, length, 16, torch.bfloat16, 1e-2, target_programs=32, seed=channels,
-           monkeypatch=monkeypatch)
+           monkeypatch=monkeypatch, impl=impl)
 
 
-def test_fresh_draws_give_fresh_results():
+def test_cuda_scan_reads_misaligned_rows(monkeypatch):
+    """Rows that do not start on 16 bytes (an odd length in one buffer) take the scalar loads."""
+    _check(1, 6, 1001, 16, torch.bfloat16, 1e-2, target_programs=16, seed=3, monkeypatch=monkeypatch,
+           impl="cuda")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fresh_draws_give_fresh_results(impl, monkeypatch):
     """Two different draws give different outputs (the kernel reads its inputs, not stale memory)."""
-    from methods.ssm.triton_scan import selective_scan_triton
-
+    scan = _scan_fn(impl, monkeypatch)
     gen = torch.Generator().manual_seed(5)
     outs = []
     for _ in range(2):
         ins = _inputs(1, 6, 300, 16, torch.float32, True, True, True, True, gen)
-        outs.append(selective_scan_triton(*ins.values(), delta_softplus=True).detach())
+        outs.append(scan(*ins.values(), delta_softplus=True).detach())
     assert not torch.allclose(outs[0], outs[1])
 
 

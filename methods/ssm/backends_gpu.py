@@ -1,5 +1,7 @@
-"""Registers the sequence-parallel Triton scan (methods/ssm/triton_scan.py) as the "triton" backend of
-`methods.ssm.scan.selective_scan`, and says by shape where it beats mamba-ssm's stock kernel; switches
+"""Registers the sequence-parallel scans as backends of `methods.ssm.scan.selective_scan`: "cuda_sp" (CUDA,
+methods/ssm/cuda_scan.py, d_state 16, compiled on first use) and "triton" (methods/ssm/triton_scan.py,
+any d_state, and the fallback where the CUDA one does not build), and says by shape where they beat
+mamba-ssm's stock kernel; switches
 Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA, and the narrow
 mixers' projections to the Triton token-wise linear map (methods/ssm/triton_linear.py).
 
@@ -18,9 +20,10 @@ import torch
 
 from methods.ssm.scan import ScanInfo, register_backend
 
-# Above mamba-ssm's "cuda" backend (10): "auto" asks this one first, and its `supports` sends the
+# Above mamba-ssm's "cuda" backend (10): "auto" asks these first, and their `supports` sends the
 # shapes where the stock kernel is as fast back to it.
 TRITON_PRIORITY = 20
+CUDA_SP_PRIORITY = 30
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
 MAX_STATE = 64
 # The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
@@ -55,6 +58,22 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+def cuda_sp_supports(info: ScanInfo) -> bool:
+    """Where the Triton scan would run and the CUDA scan can (it builds, d_state 16)."""
+    if not triton_supports(info):
+        return False
+    from methods.ssm import cuda_scan  # compiles the extension on the first call
+
+    return cuda_scan.supports(info.channels, info.state, info.dtype)
+
+
+def cuda_sp_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False):
+    from methods.ssm.cuda_scan import selective_scan_cuda_sp
+
+    return selective_scan_cuda_sp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
 _kernels_enabled = False  # the Triton convolution and projections
 
 
@@ -82,11 +101,12 @@ def channel_linear_for(x, dtype, *weight_shapes):
 
 
 def register() -> bool:
-    """Register the "triton" scan backend, the Triton convolution and the projections' token-wise map
-    where they can run; returns whether it did."""
+    """Register the "cuda_sp" and "triton" scan backends, the Triton convolution and the projections'
+    token-wise map where they can run; returns whether it did."""
     global _kernels_enabled
     if not triton_available():
         return False
+    register_backend("cuda_sp", cuda_sp_scan, cuda_sp_supports, CUDA_SP_PRIORITY)
     register_backend("triton", triton_scan, triton_supports, TRITON_PRIORITY)
     _kernels_enabled = True
     return True
@@ -94,9 +114,10 @@ def register() -> bool:
 
 @contextmanager
 def triton_disabled():
-    """Inside this block "auto" never picks the Triton scan, the convolution runs causal-conv1d's kernel
-    and the projections cuBLAS (to time the stock path side by side)."""
+    """Inside this block "auto" never picks our scans, the convolution runs causal-conv1d's kernel and
+    the projections cuBLAS (to time the stock path side by side)."""
     global _kernels_enabled
+    register_backend("cuda_sp", cuda_sp_scan, lambda info: False, CUDA_SP_PRIORITY)
     register_backend("triton", triton_scan, lambda info: False, TRITON_PRIORITY)
     _kernels_enabled = False
     try:

@@ -1,0 +1,782 @@
+// Sequence-parallel selective scan (Mamba-1, d_state 16) in CUDA, for long sequences with few channels.
+//
+// Same algorithm and passes as methods/ssm/triton_scan.py (the reference beside it); what changes is
+// how the work maps to threads. A channel's 16 states live in the registers of two lanes (8 each), so
+// sums over states are in-thread adds plus one shuffle, and one lane walks a segment of tokens
+// serially: the 8 independent recurrences per lane give the instruction-level parallelism, the
+// segments give the thread-level parallelism. Per (token, channel, state) element the backward costs
+// about 25 instructions here against about 70 in the Triton kernel (docs/gpu_notes.md).
+//
+// Geometry. A group of G lanes (G = 16 or 32) holds G/2 channels of one segment of seg_len tokens
+// (lane = 2 x channel slot + half). A block of 128 threads holds 128/G consecutive segments: a
+// superblock. Each pass combines its segments' summaries inside the block, so the carry between
+// superblocks (methods/ssm/triton_scan.py's _carry_kernel) scans n_seg / (128/G) entries only.
+//
+// Passes (all state arithmetic in float32):
+//   fwd_summary: end state of each segment from a zero start (hseg) and its sum of dt (dtseg); the
+//                superblock's summary (sup_h, sup_dt).
+//   [carry]      state entering each superblock.
+//   fwd_out:     state entering each segment (saved as hstart for the backward), outputs.
+//   bwd_summary: forward states at every 8-token chunk start (hck), the segment's adjoint summary
+//                W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg), and the superblock's (wsup).
+//   [carry]      adjoint entering each superblock from the right.
+//   bwd_main:    chunks from the last: recompute the chunk's 8 states in registers from hck, walk them
+//                backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, form the gradients. dB and
+//                dC sum over channels: the lanes of a segment add their terms through shared memory,
+//                and write them token-major (batch, L, [dB | dC]) so that the writes are coalesced.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+namespace {
+
+constexpr int kStates = 16;                       // d_state
+constexpr int kHalf = 8;                          // states per lane
+constexpr int kChunk = 8;                         // tokens per vector load (16 bytes of bf16)
+constexpr int kThreads = 128;
+constexpr int kStageRow = kChunk * 2 * kStates + 16;  // a segment's [token][B | C] tile, +16 spreads banks
+constexpr int kRedRow = 2 * kStates + 4;              // a channel's dB | dC terms of one token, +4 pad
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Params {
+  const void *u, *delta, *z, *dout, *B, *C;
+  const float *A, *D, *bias;
+  int64_t u_b, u_e, d_b, d_e, z_b, z_e, g_b, g_e, B_b, B_n, C_b, C_n;
+  int64_t L, n_ck;
+  int E, seg_len, n_seg, n_sup;
+  bool has_z, has_d, has_bias, softplus, atomic_bc;
+  float *hseg, *dtseg, *sup_h, *sup_dt, *hstart, *hck, *wseg, *wsup;
+  const float *carry, *rcarry;
+  void *out, *du, *ddelta, *dz, *dBC;  // dBC: (batch, L, [dB | dC]), float32 where atomic_bc
+  float *dA_part, *dD_part, *dbias_part;
+};
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+
+// log1p(exp(x)) with Goldberg's correction where exp(x) is tiny; identity above 20 (as mamba-ssm)
+__device__ __forceinline__ float softplus(float x) {
+  float ex = __expf(x);
+  float one_plus = 1.f + ex;
+  float sp = one_plus == 1.f ? ex : __logf(one_plus) * __fdividef(ex, one_plus - 1.f);
+  return x <= 20.f ? sp : x;
+}
+
+// ---- 8 tokens of one row ------------------------------------------------------------------------------
+// Loads are issued one chunk ahead (fetch into raw registers, unpack when the chunk is processed): a
+// lane walks its segment serially, so without that every chunk would wait out a global load.
+
+template <typename T>
+struct Raw8 {
+  uint4 v[sizeof(T) / 2];  // 8 tokens: 16 bytes of bf16, 32 of float
+};
+
+__device__ __forceinline__ bool vec_ok(const void* q, int64_t t0, int64_t L) {
+  return t0 + kChunk <= L && (reinterpret_cast<uintptr_t>(q) & 15) == 0;
+}
+
+// 8 tokens from t0 (zero past L); a 16-byte vector access where aligned and inside the sequence
+template <typename T>
+__device__ __forceinline__ Raw8<T> fetch8(const T* row, int64_t t0, int64_t L) {
+  Raw8<T> r;
+  const T* q = row + t0;
+  if (vec_ok(q, t0, L)) {
+#pragma unroll
+    for (int w = 0; w < int(sizeof(T) / 2); ++w) r.v[w] = reinterpret_cast<const uint4*>(q)[w];
+  } else {
+#pragma unroll
+    for (int w = 0; w < int(sizeof(T) / 2); ++w) r.v[w] = make_uint4(0, 0, 0, 0);
+    T* e = reinterpret_cast<T*>(r.v);
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t)
+      if (t0 + t < L) e[t] = q[t];
+  }
+  return r;
+}
+
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float v[kChunk]) {
+  const float* f = reinterpret_cast<const float*>(r.v);
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) v[t] = f[t];
+}
+
+__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16>& r, float v[kChunk]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(r.v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void store8(float* row, int64_t t0, int64_t L, const float v[kChunk]) {
+  float* q = row + t0;
+  if (vec_ok(q, t0, L)) {
+    *reinterpret_cast<float4*>(q) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(q + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t)
+      if (t0 + t < L) q[t] = v[t];
+  }
+}
+
+__device__ __forceinline__ void store8(__nv_bfloat16* row, int64_t t0, int64_t L, const float v[kChunk]) {
+  __nv_bfloat16* q = row + t0;
+  if (vec_ok(q, t0, L)) {
+    uint4 r;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(q) = r;
+  } else {
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t)
+      if (t0 + t < L) q[t] = __float2bfloat16(v[t]);
+  }
+}
+
+// one or two consecutive values (two: one 4- or 8-byte store)
+__device__ __forceinline__ void store_own(float* q, const float (&v)[1]) { *q = v[0]; }
+__device__ __forceinline__ void store_own(__nv_bfloat16* q, const float (&v)[1]) { *q = __float2bfloat16(v[0]); }
+__device__ __forceinline__ void store_own(float* q, const float (&v)[2]) {
+  *reinterpret_cast<float2*>(q) = make_float2(v[0], v[1]);
+}
+__device__ __forceinline__ void store_own(__nv_bfloat16* q, const float (&v)[2]) {
+  *reinterpret_cast<__nv_bfloat162*>(q) = __floats2bfloat162_rn(v[0], v[1]);
+}
+
+// ---- where a lane sits ------------------------------------------------------------------------------
+
+template <int G>
+struct Lane {
+  static constexpr int CS = G / 2;          // channel slots per segment
+  static constexpr int SB = kThreads / G;   // segments per block (a superblock)
+  int seg, slot, half, l, b;
+  int64_t e, ec, row, s, t_start, t_end;    // ec: e clamped to a real channel (for addresses)
+  bool active;
+  unsigned mask;                            // the group's lanes, for __syncwarp
+
+  __device__ explicit Lane(const Params& p) {
+    const int tid = threadIdx.x;
+    seg = tid / G;
+    l = tid % G;
+    slot = l >> 1;
+    half = l & 1;
+    b = blockIdx.z;
+    e = int64_t(blockIdx.y) * CS + slot;
+    active = e < p.E;
+    ec = active ? e : p.E - 1;
+    row = int64_t(b) * p.E + ec;
+    s = int64_t(blockIdx.x) * SB + seg;
+    t_start = s * p.seg_len;
+    t_end = s < p.n_seg ? min(t_start + p.seg_len, p.L) : t_start;
+    mask = G == 32 ? 0xffffffffu : ((1u << G) - 1u) << ((tid & 31) & ~(G - 1));
+  }
+
+  template <typename T>
+  __device__ const T* chan_row(const void* base, int64_t sb, int64_t se) const {
+    return static_cast<const T*>(base) + b * sb + ec * se;
+  }
+  template <typename T>
+  __device__ T* out_row(void* base, int64_t L) const { return static_cast<T*>(base) + row * L; }
+  // this lane's half of the states of entry i in a (rows, n, 16) float32 buffer
+  __device__ int64_t state_at(int64_t n, int64_t i) const { return (row * n + i) * kStates + half * kHalf; }
+};
+
+template <int G>
+__device__ void load_A(const Params& p, const Lane<G>& ln, float A[kHalf]) {
+#pragma unroll
+  for (int j = 0; j < kHalf; ++j) A[j] = p.A[ln.ec * kStates + ln.half * kHalf + j];
+}
+
+// One chunk's inputs in raw registers: the lane's channel rows and its share of the segment's B | C
+// rows (row r of 32: B's state r, or C's state r - 16; the group's lanes take rows l, l + G, ...).
+template <typename T, int G, int ROWS>
+struct ChunkIn {
+  static constexpr int kRows = (ROWS + G - 1) / G;
+  Raw8<T> delta, u, z, dout, bc[kRows];
+
+  __device__ void fetch(const Params& p, const Lane<G>& ln, int64_t t0, bool with_dout) {
+    delta = fetch8(ln.template chan_row<T>(p.delta, p.d_b, p.d_e), t0, p.L);
+    u = fetch8(ln.template chan_row<T>(p.u, p.u_b, p.u_e), t0, p.L);
+    if (p.has_z) z = fetch8(ln.template chan_row<T>(p.z, p.z_b, p.z_e), t0, p.L);
+    if (with_dout) dout = fetch8(ln.template chan_row<T>(p.dout, p.g_b, p.g_e), t0, p.L);
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int r = ln.l + i * G;
+      if (r >= ROWS) break;
+      const T* src = r < kStates ? static_cast<const T*>(p.B) + ln.b * p.B_b + r * p.B_n
+                                 : static_cast<const T*>(p.C) + ln.b * p.C_b + (r - kStates) * p.C_n;
+      bc[i] = fetch8(src, t0, p.L);
+    }
+  }
+
+  // dt (after bias and softplus), x = delta + bias, and u; zero outside the sequence and on lanes
+  // without a channel, so those tokens leave every state unchanged
+  __device__ void dt_u(const Params& p, const Lane<G>& ln, int64_t t0, float dt[kChunk], float x[kChunk],
+                       float uv[kChunk]) const {
+    unpack8(delta, x);
+    unpack8(u, uv);
+    const float bias = p.has_bias ? p.bias[ln.ec] : 0.f;
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      const bool in = ln.active && t0 + t < p.L;
+      x[t] += bias;
+      dt[t] = in ? (p.softplus ? softplus(x[t]) : x[t]) : 0.f;
+      uv[t] = in ? uv[t] : 0.f;
+    }
+  }
+
+  // B | C rows into shared memory as [token][row] float32
+  __device__ void stage(const Lane<G>& ln, float* tile) const {
+    __syncwarp(ln.mask);  // the previous chunk's reads are done
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int r = ln.l + i * G;
+      if (r >= ROWS) break;
+      float v[kChunk];
+      unpack8(bc[i], v);
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) tile[t * 2 * kStates + r] = v[t];
+    }
+    __syncwarp(ln.mask);
+  }
+};
+
+__device__ __forceinline__ void read8(const float* src, float v[kHalf]) {
+  const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void write8(float* dst, const float v[kHalf]) {
+  *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// Channel slot and state of combine item q (one (slot, state) pair per thread and round).
+template <int G>
+__device__ __forceinline__ bool combine_item(const Params& p, int q, int& slot, int& n, int64_t& row) {
+  slot = q / kStates;
+  n = q % kStates;
+  const int64_t e = int64_t(blockIdx.y) * Lane<G>::CS + slot;
+  row = int64_t(blockIdx.z) * p.E + e;
+  return e < p.E;
+}
+
+template <int G>
+__device__ __forceinline__ int valid_segments(const Params& p) {
+  return int(min(int64_t(Lane<G>::SB), int64_t(p.n_seg) - int64_t(blockIdx.x) * Lane<G>::SB));
+}
+
+// ---- forward ----------------------------------------------------------------------------------------
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
+  using Ln = Lane<G>;
+  __shared__ __align__(16) float stage[Ln::SB][kStageRow];
+  __shared__ float seg_h[Ln::SB][Ln::CS][kStates];
+  __shared__ float seg_dt[Ln::SB][Ln::CS];
+  const Ln ln(p);
+  float A[kHalf], h[kHalf] = {}, dtsum = 0.f;
+  load_A(p, ln, A);
+  ChunkIn<T, G, kStates> cur, nxt;
+  if (ln.t_end > ln.t_start) cur.fetch(p, ln, ln.t_start, false);
+  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
+    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, false);
+    float dt[kChunk], x[kChunk], u[kChunk];
+    cur.dt_u(p, ln, t0, dt, x, u);
+    cur.stage(ln, stage[ln.seg]);
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float Bt[kHalf];
+      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) h[j] = fmaf(ex2(dtl * A[j]), h[j], dtu * Bt[j]);
+      dtsum += dt[t];
+    }
+    cur = nxt;
+  }
+  if (ln.t_end > ln.t_start && ln.active) {
+    write8(&p.hseg[ln.state_at(p.n_seg, ln.s)], h);
+    if (ln.half == 0) p.dtseg[ln.row * p.n_seg + ln.s] = dtsum;
+  }
+  write8(&seg_h[ln.seg][ln.slot][ln.half * kHalf], h);
+  if (ln.half == 0) seg_dt[ln.seg][ln.slot] = dtsum;
+  __syncthreads();
+  const int nv = valid_segments<G>(p);
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+    int slot, n;
+    int64_t row;
+    if (!combine_item<G>(p, q, slot, n, row)) continue;
+    const float a2 = p.A[(row % p.E) * kStates + n] * kLog2e;
+    float H = 0.f, S = 0.f;
+    for (int i = 0; i < nv; ++i) {
+      H = fmaf(ex2(a2 * seg_dt[i][slot]), H, seg_h[i][slot][n]);
+      S += seg_dt[i][slot];
+    }
+    p.sup_h[(row * p.n_sup + blockIdx.x) * kStates + n] = H;
+    if (n == 0) p.sup_dt[row * p.n_sup + blockIdx.x] = S;
+  }
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
+  using Ln = Lane<G>;
+  __shared__ __align__(16) float stage[Ln::SB][kStageRow];
+  __shared__ __align__(16) float seg_in[Ln::SB][Ln::CS][kStates];
+  const int nv = valid_segments<G>(p);
+  // state entering each segment: the superblock's carry, then the segments' summaries in order
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+    int slot, n;
+    int64_t row;
+    const bool ok = combine_item<G>(p, q, slot, n, row);
+    float H = ok ? p.carry[(row * (p.n_sup + 1) + blockIdx.x) * kStates + n] : 0.f;
+    const float a2 = ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f;
+    for (int i = 0; i < Ln::SB; ++i) {
+      seg_in[i][slot][n] = H;
+      if (!ok || i >= nv) continue;
+      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
+      p.hstart[(row * p.n_seg + s) * kStates + n] = H;
+      H = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), H, p.hseg[(row * p.n_seg + s) * kStates + n]);
+    }
+  }
+  const Ln ln(p);
+  ChunkIn<T, G, 2 * kStates> cur, nxt;
+  if (ln.t_end > ln.t_start) cur.fetch(p, ln, ln.t_start, false);
+  __syncthreads();
+  float A[kHalf], h[kHalf];
+  load_A(p, ln, A);
+  read8(&seg_in[ln.seg][ln.slot][ln.half * kHalf], h);
+  const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
+  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
+    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, false);
+    float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
+    cur.dt_u(p, ln, t0, dt, x, u);
+    if (p.has_z) unpack8(cur.z, z);
+    cur.stage(ln, stage[ln.seg]);
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float Bt[kHalf], Ct[kHalf];
+      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      read8(&stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
+      const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) {
+        h[j] = fmaf(ex2(dtl * A[j]), h[j], dtu * Bt[j]);
+        acc = fmaf(Ct[j], h[j], acc);
+      }
+      acc += __shfl_xor_sync(ln.mask, acc, 1);
+      y[t] = fmaf(Dv, u[t], acc);
+      if (p.has_z) y[t] *= z[t] * sigmoid(z[t]);
+    }
+    if (ln.active && ln.half == 0) store8(ln.template out_row<T>(p.out, p.L), t0, p.L, y);
+    cur = nxt;
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------------
+
+// gradient at y (before the gate) and the gate's sigmoid
+struct Gate {
+  float dy, sz;
+};
+
+__device__ __forceinline__ Gate gate(bool has_z, float dout, float z) {
+  if (!has_z) return {dout, 0.f};
+  const float sz = sigmoid(z);
+  return {dout * z * sz, sz};
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
+  using Ln = Lane<G>;
+  __shared__ __align__(16) float stage[Ln::SB][kStageRow];
+  __shared__ __align__(16) float seg_w[Ln::SB][Ln::CS][kStates];
+  const Ln ln(p);
+  const bool runs = ln.t_end > ln.t_start;
+  float A[kHalf], h[kHalf] = {}, P[kHalf], W[kHalf] = {};
+  load_A(p, ln, A);
+  if (runs && ln.active) read8(&p.hstart[ln.state_at(p.n_seg, ln.s)], h);
+#pragma unroll
+  for (int j = 0; j < kHalf; ++j) P[j] = 1.f;
+  ChunkIn<T, G, 2 * kStates> cur, nxt;
+  if (runs) cur.fetch(p, ln, ln.t_start, true);
+  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
+    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, true);
+    if (ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
+    float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
+    cur.dt_u(p, ln, t0, dt, x, u);
+    unpack8(cur.dout, g);
+    if (p.has_z) unpack8(cur.z, z);
+    cur.stage(ln, stage[ln.seg]);
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float Bt[kHalf], Ct[kHalf];
+      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      read8(&stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
+      const float dy = ln.active ? gate(p.has_z, g[t], p.has_z ? z[t] : 0.f).dy : 0.f;
+      const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) {
+        const float a = ex2(dtl * A[j]);
+        P[j] *= a;
+        W[j] = fmaf(P[j], Ct[j] * dy, W[j]);
+        h[j] = fmaf(a, h[j], dtu * Bt[j]);
+      }
+    }
+    cur = nxt;
+  }
+  if (runs && ln.active) write8(&p.wseg[ln.state_at(p.n_seg, ln.s)], W);
+  write8(&seg_w[ln.seg][ln.slot][ln.half * kHalf], W);
+  __syncthreads();
+  const int nv = valid_segments<G>(p);
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+    int slot, n;
+    int64_t row;
+    if (!combine_item<G>(p, q, slot, n, row)) continue;
+    const float a2 = p.A[(row % p.E) * kStates + n] * kLog2e;
+    float R = 0.f;
+    for (int i = nv - 1; i >= 0; --i) {
+      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
+      R = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), R, seg_w[i][slot][n]);
+    }
+    p.wsup[(row * p.n_sup + blockIdx.x) * kStates + n] = R;
+  }
+}
+
+#ifndef BWD_MIN_BLOCKS
+#define BWD_MIN_BLOCKS 2
+#endif
+
+// bwd_main's shared memory (dynamic: past the 48 KB of static shared memory)
+template <int G>
+struct BwdSmem {
+  using Ln = Lane<G>;
+  float4 hs[kChunk - 1][2][kThreads];  // the chunk's states h_0..h_6, lane-fastest: no bank conflicts
+  float4 as[kChunk][2][kThreads];      // the chunk's decays a_0..a_7
+  float red[2][Ln::SB][Ln::CS][kRedRow];  // dB | dC terms of two tokens (double-buffered)
+  float stage[Ln::SB][kStageRow];
+};
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Params p) {
+  using Ln = Lane<G>;
+  constexpr int kOwn = 2 * kStates / G;  // dB | dC entries each lane sums over the segment's channels
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BwdSmem<G>& sm = *reinterpret_cast<BwdSmem<G>*>(smem_raw);
+  // before and after the walk, hs holds the segments' adjoints and the partial sums
+  static_assert(sizeof(sm.hs) >= sizeof(float) * Ln::SB * Ln::CS * kStates, "seg_r must fit in hs");
+  auto seg_r = reinterpret_cast<float(*)[Ln::CS][kStates]>(&sm.hs[0][0][0]);
+  const int nv = valid_segments<G>(p);
+  // adjoint entering each segment from the right: the superblock's carry, then the summaries backwards
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+    int slot, n;
+    int64_t row;
+    const bool ok = combine_item<G>(p, q, slot, n, row);
+    float R = ok ? p.rcarry[(row * (p.n_sup + 1) + blockIdx.x + 1) * kStates + n] : 0.f;
+    const float a2 = ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f;
+    for (int i = Ln::SB - 1; i >= 0; --i) {
+      seg_r[i][slot][n] = R;
+      if (!ok || i >= nv) continue;
+      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
+      R = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), R, p.wseg[(row * p.n_seg + s) * kStates + n]);
+    }
+  }
+  const Ln ln(p);
+  const int tid = threadIdx.x;
+  const int64_t n_chunks = (ln.t_end - ln.t_start + kChunk - 1) / kChunk;
+  ChunkIn<T, G, 2 * kStates> cur, nxt;
+  float4 h0cur[2], h0nxt[2];
+  auto fetch = [&](ChunkIn<T, G, 2 * kStates>& in, float4 h0[2], int64_t t0) {
+    in.fetch(p, ln, t0, true);
+    const float4* src = reinterpret_cast<const float4*>(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)]);
+    h0[0] = src[0];
+    h0[1] = src[1];
+  };
+  if (n_chunks > 0) fetch(cur, h0cur, ln.t_start + (n_chunks - 1) * kChunk);
+  __syncthreads();
+  float A[kHalf], r[kHalf], dA[kHalf] = {};
+  load_A(p, ln, A);
+  read8(&seg_r[ln.seg][ln.slot][ln.half * kHalf], r);  // r = a_{t+1} g_{t+1} for the next token t
+  __syncthreads();                                      // before hs overwrites seg_r
+  const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
+  float dD = 0.f, dbias = 0.f;
+  // dB | dC entries this lane sums: kOwn consecutive entries of the [B h0 | C h0 | B h1 | C h1] row
+  const int own0 = ln.l * kOwn;
+  // dB | dC are written token-major, (batch, L, [dB | dC]): per token a segment's lanes write 64 or 128
+  // contiguous bytes (row-major (batch, 16, L) would scatter 2-byte writes over 32 rows, which cost more
+  // than all of this kernel's arithmetic)
+  const int own_out = ((own0 % kStates) >= kHalf ? kStates : 0) + (own0 / kStates) * kHalf + own0 % kHalf;
+  // token t's dB | dC terms of every channel of the segment (read one token late, so that the
+  // shared-memory latency hides behind the next token's arithmetic), summed and written
+  using Terms = float[Ln::CS][kOwn];
+  auto load_terms = [&](Terms& terms, int buf) {
+#pragma unroll
+    for (int c = 0; c < Ln::CS; ++c)
+#pragma unroll
+      for (int o = 0; o < kOwn; ++o) terms[c][o] = sm.red[buf][ln.seg][c][own0 + o];
+  };
+  auto store_terms = [&](Terms& terms, int64_t t) {
+#pragma unroll
+    for (int w = Ln::CS / 2; w > 0; w /= 2)
+#pragma unroll
+      for (int c = 0; c < w; ++c)
+#pragma unroll
+        for (int o = 0; o < kOwn; ++o) terms[c][o] += terms[c + w][o];
+    if (t >= p.L) return;
+    const int64_t at = (int64_t(ln.b) * p.L + t) * (2 * kStates) + own_out;
+    if (p.atomic_bc) {
+#pragma unroll
+      for (int o = 0; o < kOwn; ++o) atomicAdd(static_cast<float*>(p.dBC) + at + o, terms[0][o]);
+    } else {
+      float v[kOwn];
+#pragma unroll
+      for (int o = 0; o < kOwn; ++o) v[o] = terms[0][o];
+      store_own(static_cast<T*>(p.dBC) + at, v);
+    }
+  };
+  for (int64_t k = n_chunks - 1; k >= 0; --k) {
+    const int64_t t0 = ln.t_start + k * kChunk;
+    if (k > 0) fetch(nxt, h0nxt, t0 - kChunk);
+    float dt[kChunk], x[kChunk], u[kChunk], g_out[kChunk], z[kChunk], h[kHalf];
+    cur.dt_u(p, ln, t0, dt, x, u);
+    unpack8(cur.dout, g_out);
+    if (p.has_z) unpack8(cur.z, z);
+    cur.stage(ln, sm.stage[ln.seg]);
+    // the chunk's states and decays, forward (h_{-1} is the checkpoint)
+    {
+      const float4 a = h0cur[0], b = h0cur[1];
+      h[0] = a.x; h[1] = a.y; h[2] = a.z; h[3] = a.w; h[4] = b.x; h[5] = b.y; h[6] = b.z; h[7] = b.w;
+    }
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float Bt[kHalf], a[kHalf];
+      read8(&sm.stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) {
+        a[j] = ex2(dtl * A[j]);
+        h[j] = fmaf(a[j], h[j], dtu * Bt[j]);
+      }
+      sm.as[t][0][tid] = make_float4(a[0], a[1], a[2], a[3]);
+      sm.as[t][1][tid] = make_float4(a[4], a[5], a[6], a[7]);
+      if (t < kChunk - 1) {
+        sm.hs[t][0][tid] = make_float4(h[0], h[1], h[2], h[3]);
+        sm.hs[t][1][tid] = make_float4(h[4], h[5], h[6], h[7]);
+      }
+    }
+    // backwards through the chunk; h holds h_t
+#pragma unroll
+    for (int t = kChunk - 1; t >= 0; --t) {
+      Terms terms_next;  // token t + 1's, loaded before token t's arithmetic
+      if (t < kChunk - 1) load_terms(terms_next, (t + 1) & 1);
+      float Bt[kHalf], Ct[kHalf], dBt[kHalf], dCt[kHalf], hp[kHalf], a[kHalf];
+      read8(&sm.stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      read8(&sm.stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
+      {
+        const float4 p0 = t ? sm.hs[t - 1][0][tid] : h0cur[0], p1 = t ? sm.hs[t - 1][1][tid] : h0cur[1];
+        hp[0] = p0.x; hp[1] = p0.y; hp[2] = p0.z; hp[3] = p0.w; hp[4] = p1.x; hp[5] = p1.y; hp[6] = p1.z; hp[7] = p1.w;
+        const float4 a0 = sm.as[t][0][tid], a1 = sm.as[t][1][tid];
+        a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+      }
+      const Gate gt = gate(p.has_z, ln.active ? g_out[t] : 0.f, p.has_z ? z[t] : 0.f);
+      const float dtu = dt[t] * u[t];
+      float dlog = 0.f, gB = 0.f, y = 0.f;  // sums over this lane's states
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) {
+        const float g = fmaf(Ct[j], gt.dy, r[j]);
+        const float term = g * (a[j] * hp[j]);  // g_t a_t h_{t-1}: the gradient at log a_t
+        dA[j] = fmaf(term, dt[t], dA[j]);
+        dlog = fmaf(term, A[j], dlog);
+        gB = fmaf(g, Bt[j], gB);
+        y = fmaf(Ct[j], h[j], y);
+        dBt[j] = g * dtu;
+        dCt[j] = h[j] * gt.dy;
+        r[j] = a[j] * g;
+        h[j] = hp[j];
+      }
+      dlog += __shfl_xor_sync(ln.mask, dlog, 1);
+      gB += __shfl_xor_sync(ln.mask, gB, 1);
+      y += __shfl_xor_sync(ln.mask, y, 1);
+      float ddt = fmaf(gB, u[t], dlog);
+      if (p.softplus) ddt *= x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
+      const bool in = ln.active && t0 + t < p.L;
+      ddt = in ? ddt : 0.f;
+      dbias += ddt;
+      dD = fmaf(gt.dy, u[t], dD);
+      if (p.has_z) z[t] = g_out[t] * fmaf(Dv, u[t], y) * gt.sz * (1.f + z[t] * (1.f - gt.sz));  // dz
+      u[t] = fmaf(gB, dt[t], Dv * gt.dy);                                                         // du
+      x[t] = ddt;
+      if (t < kChunk - 1) store_terms(terms_next, t0 + t + 1);
+      __syncwarp(ln.mask);  // token t + 1's terms are read: its buffer may take token t - 1's
+      float* mine = sm.red[t & 1][ln.seg][ln.slot] + ln.half * kStates;
+      write8(mine, dBt);
+      write8(mine + kHalf, dCt);
+      __syncwarp(ln.mask);
+    }
+    {
+      Terms first;
+      load_terms(first, 0);
+      store_terms(first, t0);
+    }
+    if (ln.active) {
+      if (ln.half == 0) {
+        store8(ln.template out_row<T>(p.du, p.L), t0, p.L, u);
+        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L), t0, p.L, z);
+      } else {
+        store8(ln.template out_row<T>(p.ddelta, p.L), t0, p.L, x);
+      }
+    }
+    cur = nxt;
+    h0cur[0] = h0nxt[0];
+    h0cur[1] = h0nxt[1];
+  }
+  // per-block partial sums of dA, dD, ddelta_bias (summed over blocks by the caller)
+  __syncthreads();
+  float* part = &seg_r[0][0][0];
+  write8(&seg_r[ln.seg][ln.slot][ln.half * kHalf], dA);
+  __syncthreads();
+  const int64_t blk = int64_t(blockIdx.z) * p.n_sup + blockIdx.x;
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+    int slot, n;
+    int64_t row;
+    if (!combine_item<G>(p, q, slot, n, row)) continue;
+    float acc = 0.f;
+    for (int i = 0; i < Ln::SB; ++i) acc += part[(i * Ln::CS + slot) * kStates + n];
+    p.dA_part[(blk * p.E + row % p.E) * kStates + n] = acc;
+  }
+  __syncthreads();
+  if (ln.half == 0) {
+    seg_r[ln.seg][ln.slot][0] = dD;
+    seg_r[ln.seg][ln.slot][1] = dbias;
+  }
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < Ln::CS; slot += kThreads) {
+    const int64_t e = int64_t(blockIdx.y) * Ln::CS + slot;
+    if (e >= p.E) continue;
+    float sD = 0.f, sb = 0.f;
+    for (int i = 0; i < Ln::SB; ++i) {
+      sD += seg_r[i][slot][0];
+      sb += seg_r[i][slot][1];
+    }
+    p.dD_part[blk * p.E + e] = sD;
+    p.dbias_part[blk * p.E + e] = sb;
+  }
+}
+
+// ---- host -------------------------------------------------------------------------------------------
+
+using Tensors = std::map<std::string, at::Tensor>;
+
+const at::Tensor* find(const Tensors& t, const char* key) {
+  auto it = t.find(key);
+  return it == t.end() ? nullptr : &it->second;
+}
+
+float* f32(const Tensors& t, const char* key) {
+  const at::Tensor* x = find(t, key);
+  return x ? x->data_ptr<float>() : nullptr;
+}
+
+void row_strides(const Tensors& t, const char* key, const void*& ptr, int64_t& sb, int64_t& sr) {
+  const at::Tensor* x = find(t, key);
+  if (!x) return;
+  TORCH_CHECK(x->stride(2) == 1, key, " must have token stride 1");
+  ptr = x->data_ptr();
+  sb = x->stride(0);
+  sr = x->stride(1);
+}
+
+template <typename T, int G>
+void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
+  if (kernel == "fwd_summary") fwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
+  else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
+  else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
+  else if (kernel == "bwd_main") {
+    const int bytes = sizeof(BwdSmem<G>);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_main_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    bwd_main_kernel<T, G><<<grid, kThreads, bytes, stream>>>(p);
+  }
+  else TORCH_CHECK(false, "unknown scan kernel ", kernel);
+}
+
+template <typename T>
+void launch_group(int group, const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
+  if (group == 16) launch<T, 16>(kernel, p, grid, stream);
+  else if (group == 32) launch<T, 32>(kernel, p, grid, stream);
+  else TORCH_CHECK(false, "group must be 16 or 32, got ", group);
+}
+
+}  // namespace
+
+// One entry point for the four kernels: tensors and sizes by name (methods/ssm/cuda_scan.py builds them).
+void run(const std::string& kernel, const Tensors& t, const std::map<std::string, int64_t>& n) {
+  const at::Tensor& u = t.at("u");
+  const c10::cuda::CUDAGuard guard(u.device());
+  Params p{};
+  row_strides(t, "u", p.u, p.u_b, p.u_e);
+  row_strides(t, "delta", p.delta, p.d_b, p.d_e);
+  row_strides(t, "z", p.z, p.z_b, p.z_e);
+  row_strides(t, "dout", p.dout, p.g_b, p.g_e);
+  row_strides(t, "B", p.B, p.B_b, p.B_n);
+  row_strides(t, "C", p.C, p.C_b, p.C_n);
+  TORCH_CHECK(t.at("A").size(1) == kStates, "the CUDA scan is built for d_state ", kStates);
+  p.A = f32(t, "A");
+  p.D = f32(t, "D");
+  p.bias = f32(t, "bias");
+  p.has_z = p.z != nullptr;
+  p.has_d = p.D != nullptr;
+  p.has_bias = p.bias != nullptr;
+  p.softplus = n.at("softplus") != 0;
+  p.atomic_bc = n.at("atomic_bc") != 0;
+  p.L = u.size(2);
+  p.E = int(u.size(1));
+  p.seg_len = int(n.at("seg_len"));
+  p.n_seg = int(n.at("n_seg"));
+  p.n_sup = int(n.at("n_sup"));
+  p.n_ck = (p.L + kChunk - 1) / kChunk;
+  p.hseg = f32(t, "hseg");
+  p.dtseg = f32(t, "dtseg");
+  p.sup_h = f32(t, "sup_h");
+  p.sup_dt = f32(t, "sup_dt");
+  p.hstart = f32(t, "hstart");
+  p.hck = f32(t, "hck");
+  p.wseg = f32(t, "wseg");
+  p.wsup = f32(t, "wsup");
+  p.carry = f32(t, "carry");
+  p.rcarry = f32(t, "rcarry");
+  p.dA_part = f32(t, "dA_part");
+  p.dD_part = f32(t, "dD_part");
+  p.dbias_part = f32(t, "dbias_part");
+  for (auto [key, slot] : {std::pair<const char*, void**>{"out", &p.out}, {"du", &p.du}, {"ddelta", &p.ddelta},
+                           {"dz", &p.dz}, {"dBC", &p.dBC}}) {
+    const at::Tensor* x = find(t, key);
+    *slot = x ? x->data_ptr() : nullptr;
+  }
+  const int group = int(n.at("group"));
+  const dim3 grid(p.n_sup, int((p.E + group / 2 - 1) / (group / 2)), int(u.size(0)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (u.scalar_type() == at::kFloat) launch_group<float>(group, kernel, p, grid, stream);
+  else if (u.scalar_type() == at::kBFloat16) launch_group<__nv_bfloat16>(group, kernel, p, grid, stream);
+  else TORCH_CHECK(false, "the CUDA scan runs float32 and bfloat16, got ", u.scalar_type());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run, "run one pass of the sequence-parallel selective scan");
+}

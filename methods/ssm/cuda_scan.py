@@ -1,0 +1,180 @@
+"""Sequence-parallel selective scan in CUDA (methods/ssm/csrc/scan_sp.cu), for d_state 16.
+
+The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
+the fallback), with a channel's states in two lanes' registers instead of spread over a warp: about a
+third of the instructions per element (docs/gpu_notes.md). The carry between superblocks is the Triton
+scan's `_carry_kernel`.
+
+The extension is compiled with torch.utils.cpp_extension on first use (about a minute, then cached in
+torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
+Triton scan runs instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from methods.ssm.triton_scan import _carry_kernel, _check_inputs
+
+SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
+STATES = 16          # the kernel's d_state
+THREADS = 128        # per block; a block holds THREADS / group segments (a superblock)
+CHUNK = 8            # tokens per vector load; segments are whole chunks
+TARGET_BLOCKS = 8192  # enough blocks to fill 132 multiprocessors many times over
+MIN_SEGMENT = 64      # shorter segments spend more on summaries than on scanning
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension, or None (with one warning saying why) where it cannot be built."""
+    if os.environ.get("WSI_BENCH_CUDA_SCAN", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="wsi_bench_scan_sp", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
+                    verbose=False)
+    except Exception as err:  # no nvcc, a compiler error: the Triton scan runs instead
+        warnings.warn(f"the CUDA selective scan did not build ({type(err).__name__}: {err}); using the "
+                      "Triton scan. Install the CUDA toolkit (nvcc) to build it, or set "
+                      "WSI_BENCH_CUDA_SCAN=0 to skip it", RuntimeWarning, stacklevel=2)
+        return None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    batch: int
+    channels: int
+    length: int
+    group: int     # lanes per segment: two per channel slot
+    seg_len: int
+    n_seg: int
+    n_sup: int     # superblocks (blocks along the sequence)
+
+    @property
+    def n_cblk(self) -> int:
+        return triton.cdiv(self.channels, self.group // 2)
+
+
+def plan(batch: int, channels: int, length: int) -> Geometry:
+    group = 16 if channels <= 8 else 32
+    n_cblk = triton.cdiv(channels, group // 2)
+    per_block = THREADS // group
+    segments_wanted = max(1, TARGET_BLOCKS * per_block // (batch * n_cblk))
+    seg_len = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(length, segments_wanted), CHUNK) * CHUNK)
+    n_seg = triton.cdiv(length, seg_len)
+    return Geometry(batch, channels, length, group, seg_len, n_seg, triton.cdiv(n_seg, per_block))
+
+
+def _sizes(geo: Geometry, softplus: bool, atomic_bc: bool = False) -> dict[str, int]:
+    return dict(group=geo.group, seg_len=geo.seg_len, n_seg=geo.n_seg, n_sup=geo.n_sup,
+                softplus=int(softplus), atomic_bc=int(atomic_bc))
+
+
+def _carry(summary, dtsum, A, geo: Geometry, reverse: bool):
+    rows = geo.batch * geo.channels
+    carry = torch.empty(rows, geo.n_sup + 1, STATES, device=summary.device, dtype=torch.float32)
+    block = max(16, min(256, triton.next_power_of_2(geo.n_sup)))
+    _carry_kernel[(rows,)](summary, dtsum, A, carry, geo.channels, STATES, geo.n_sup, REVERSE=reverse,
+                           BS=block, BN=STATES)
+    return carry
+
+
+def _token_major(x):
+    """x with token stride 1 (the kernel's vector loads walk tokens)."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _given(**tensors):
+    return {name: t for name, t in tensors.items() if t is not None}
+
+
+class CudaSelectiveScan(torch.autograd.Function):
+    """mamba_ssm.selective_scan_fn's semantics, sequence-parallel. The last state gets no gradient
+    (as in mamba-ssm)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+        batch, channels, length, _ = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+        # gradients go back in each input's dtype; the kernel reads u's dtype throughout
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
+        dtype = u.dtype
+        delta, B, C, z = (None if x is None else _token_major(x.to(dtype)) for x in (delta, B, C, z))
+        u = _token_major(u)
+        A32, D32, bias32 = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
+        geo = plan(batch, channels, length)
+        rows, f32 = batch * channels, dict(device=u.device, dtype=torch.float32)
+        ext = extension()
+        inputs = _given(u=u, delta=delta, A=A32, B=B, C=C, D=D32, z=z, bias=bias32)
+        hseg, dtseg = torch.empty(rows, geo.n_seg, STATES, **f32), torch.empty(rows, geo.n_seg, **f32)
+        sup_h, sup_dt = torch.empty(rows, geo.n_sup, STATES, **f32), torch.empty(rows, geo.n_sup, **f32)
+        ext.run("fwd_summary", {**inputs, "hseg": hseg, "dtseg": dtseg, "sup_h": sup_h, "sup_dt": sup_dt},
+                _sizes(geo, delta_softplus))
+        carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
+        out = torch.empty(u.shape, device=u.device, dtype=dtype)
+        hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
+        ext.run("fwd_out", {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
+                            "out": out}, _sizes(geo, delta_softplus))
+        ctx.save_for_backward(u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt)
+        ctx.geo, ctx.delta_softplus = geo, delta_softplus
+        if not return_last_state:
+            return out
+        last_state = carry[:, geo.n_sup].view(batch, channels, STATES)
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = ctx.saved_tensors
+        geo: Geometry = ctx.geo
+        rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
+        ext = extension()
+        inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
+                        dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
+        hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
+        wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
+        wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
+        ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup},
+                _sizes(geo, ctx.delta_softplus))
+        rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
+        # dB | dC token-major (batch, L, 32), coalesced; several channel blocks add into it in float32
+        atomic = geo.n_cblk > 1
+        make = torch.zeros if atomic else torch.empty
+        dbc = make(geo.batch, geo.length, 2 * STATES, device=u.device,
+                   dtype=torch.float32 if atomic else u.dtype)
+        parts = geo.batch * geo.n_sup
+        grads = dict(du=torch.empty(u.shape, device=u.device, dtype=u.dtype),
+                     ddelta=torch.empty(u.shape, device=u.device, dtype=u.dtype),
+                     dz=None if z is None else torch.empty(u.shape, device=u.device, dtype=u.dtype),
+                     dBC=dbc,
+                     dA_part=torch.empty(parts, geo.channels, STATES, **f32),
+                     dD_part=torch.empty(parts, geo.channels, **f32),
+                     dbias_part=torch.empty(parts, geo.channels, **f32))
+        ext.run("bwd_main", {**inputs, **_given(**grads), "wseg": wseg, "hck": hck, "rcarry": rcarry},
+                _sizes(geo, ctx.delta_softplus, atomic))
+        u_t, delta_t, A_t, B_t, C_t, D_t, z_t, bias_t = ctx.dtypes
+        return (grads["du"].to(u_t), grads["ddelta"].to(delta_t), grads["dA_part"].sum(0).to(A_t),
+                dbc[..., :STATES].transpose(1, 2).to(B_t), dbc[..., STATES:].transpose(1, 2).to(C_t),
+                None if D is None else grads["dD_part"].sum(0).to(D_t),
+                None if z is None else grads["dz"].to(z_t),
+                None if bias is None else grads["dbias_part"].sum(0).to(bias_t), None, None)
+
+
+def supports(channels: int, state: int, dtype: torch.dtype) -> bool:
+    """Whether the CUDA scan can run the call (its extension built, d_state 16, float32 or bfloat16)."""
+    return state == STATES and dtype in DTYPES and channels >= 1 and extension() is not None
+
+
+def selective_scan_cuda_sp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False):
+    """Drop-in for mamba_ssm.selective_scan_fn on (batch, channels, length) CUDA tensors with
+    input-dependent B, C of shape (batch, 16, length)."""
+    return CudaSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
