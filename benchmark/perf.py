@@ -169,16 +169,14 @@ def scan_inputs(channels: int, tokens: int, dtype: torch.dtype, seed: int = 0) -
 
 
 def scan_paths() -> dict:
-    """ours: the CUDA scan where it builds, else the Triton scan; triton: the Triton scan beside it."""
+    """ours: the Triton scan (what training runs); cuda_sp: the CUDA scan beside it, where it builds."""
     paths = {}
     try:
         from methods.ssm import cuda_scan
         from methods.ssm.triton_scan import selective_scan_triton
+        paths["ours"] = selective_scan_triton
         if cuda_scan.extension() is not None:
-            paths["ours"] = cuda_scan.selective_scan_cuda_sp
-            paths["triton"] = selective_scan_triton
-        else:
-            paths["ours"] = selective_scan_triton
+            paths["cuda_sp"] = cuda_scan.selective_scan_cuda_sp
     except ImportError as err:
         print(f"[scan] our scans unavailable: {err}", file=sys.stderr)
     try:
@@ -234,7 +232,7 @@ def bench_scan(shapes, dtype, copy_gbs, paths=None) -> list[dict]:
 
 @contextlib.contextmanager
 def scan_path(path: str):
-    """'ours': our scans registered (auto picks them where they are faster); 'stock': mamba-ssm's kernel."""
+    """'ours': our kernels registered (auto picks them where they are faster); 'stock': mamba-ssm's."""
     from methods.ssm import backends_gpu
 
     backends_gpu.register()

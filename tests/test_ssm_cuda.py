@@ -128,3 +128,22 @@ def test_mixer_bf16_autocast_runs_on_kernels(d_model):
         grads.append(torch.autograd.grad((out.float() * weight).sum(), x)[0])
     assert outs[0].dtype == torch.bfloat16 and torch.isfinite(grads[0]).all()
     assert rel_err(outs[0], outs[1]) < 5e-2 and rel_err(grads[0], grads[1]) < 5e-2
+
+
+def test_inference_picks_the_cuda_scan_and_matches_training_path():
+    """Without gradients "auto" runs the CUDA scan (cuda_sp), with them the Triton scan; the mixer's
+    outputs agree to 1e-4 in fp32."""
+    from methods.ssm import cuda_scan
+    from methods.ssm.scan import ScanInfo, _pick_backend
+
+    assert cuda_scan.extension() is not None, "the CUDA scan did not build (see the warning)"
+    info = ScanInfo(1, 6, 16, 5001, torch.device("cuda"), torch.float32, False, False)
+    assert _pick_backend("auto", info).name == "cuda_sp"
+    assert _pick_backend("auto", ScanInfo(*[*info.__dict__.values()][:6], True, False)).name == "triton"
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(3).cuda()
+    x = torch.randn(1, 5001, 3, device="cuda")
+    with torch.no_grad():
+        inference = mixer(x)
+    training = mixer(x.clone().requires_grad_(True))
+    assert rel_err(inference, training) < TOLERANCE

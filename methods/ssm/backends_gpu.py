@@ -1,7 +1,7 @@
 """Registers the sequence-parallel scans as backends of `methods.ssm.scan.selective_scan`: "cuda_sp" (CUDA,
-methods/ssm/cuda_scan.py, d_state 16, compiled on first use) and "triton" (methods/ssm/triton_scan.py,
-any d_state, and the fallback where the CUDA one does not build), and says by shape where they beat
-mamba-ssm's stock kernel; switches
+methods/ssm/cuda_scan.py, d_state 16, compiled on first use; inference only, see `cuda_sp_supports`)
+and "triton" (methods/ssm/triton_scan.py, any d_state, training, and the fallback where the CUDA one
+does not build), and says by shape where they beat mamba-ssm's stock kernel; switches
 Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA, and the narrow
 mixers' projections to the Triton token-wise linear map (methods/ssm/triton_linear.py).
 
@@ -59,8 +59,14 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 
 
 def cuda_sp_supports(info: ScanInfo) -> bool:
-    """Where the Triton scan would run and the CUDA scan can (it builds, d_state 16)."""
-    if not triton_supports(info):
+    """Inference calls where the Triton scan would run and the CUDA scan can (it builds, d_state 16).
+
+    Its forward is 1.2x the Triton scan's (H100, 6 x 16.8 M: 2.86 against 3.55 ms in bf16), and so is
+    its standalone backward; but it writes dB | dC token-major, and inside the mixer autograd's
+    transposing concatenation of the x_proj gradient then costs ~12 ms, more than it saves
+    (docs/gpu_notes.md, session 5). Training stays on the Triton scan until the kernel writes them
+    channel-first."""
+    if info.needs_grad or not triton_supports(info):
         return False
     from methods.ssm import cuda_scan  # compiles the extension on the first call
 

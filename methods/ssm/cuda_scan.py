@@ -7,12 +7,14 @@ scan's `_carry_kernel`.
 
 The extension is compiled with torch.utils.cpp_extension on first use (about a minute, then cached in
 torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
-Triton scan runs instead.
+Triton scan runs instead. "auto" picks it for inference only (methods/ssm/backends_gpu.py says why);
+backend="cuda_sp" asks for it anywhere, gradients included.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
+        print("[wsi-bench] compiling the CUDA selective scan (once per machine, about a minute)",
+              file=sys.stderr, flush=True)
         return load(name="wsi_bench_scan_sp", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
                     verbose=False)
     except Exception as err:  # no nvcc, a compiler error: the Triton scan runs instead
