@@ -4,8 +4,9 @@
 // how the work maps to threads. A channel's 16 states live in the registers of two lanes (8 each), so
 // sums over states are in-thread adds plus one shuffle, and one lane walks a segment of tokens
 // serially: the 8 independent recurrences per lane give the instruction-level parallelism, the
-// segments give the thread-level parallelism. Per (token, channel, state) element the backward costs
-// about 25 instructions here against about 70 in the Triton kernel (docs/gpu_notes.md).
+// segments give the thread-level parallelism. Every input is fetched one 8-token chunk ahead. Timings
+// against the Triton scan, and what limits each kernel, are in docs/performance.md and docs/gpu_notes.md
+// (session 5).
 //
 // Geometry. A group of G lanes (G = 16 or 32) holds G/2 channels of one segment of seg_len tokens
 // (lane = 2 x channel slot + half). A block of 128 threads holds 128/G consecutive segments: a
@@ -20,7 +21,8 @@
 //   bwd_summary: forward states at every 8-token chunk start (hck), the segment's adjoint summary
 //                W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg), and the superblock's (wsup).
 //   [carry]      adjoint entering each superblock from the right.
-//   bwd_main:    chunks from the last: recompute the chunk's 8 states in registers from hck, walk them
+//   bwd_main:    chunks from the last: recompute the chunk's 8 states and decays from hck into shared
+//                memory, walk them
 //                backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, form the gradients. dB and
 //                dC sum over channels: the lanes of a segment add their terms through shared memory,
 //                and write them token-major (batch, L, [dB | dC]) so that the writes are coalesced.
