@@ -22,8 +22,8 @@
 //                W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg), and the superblock's (wsup).
 //   [carry]      adjoint entering each superblock from the right.
 //   bwd_main:    chunks from the last: recompute the chunk's 8 states and decays from hck into shared
-//                memory, walk them
-//                backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, form the gradients. dB and
+//                memory, walk them backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, and
+//                form the gradients. dB and
 //                dC sum over channels: the lanes of a segment add their terms through shared memory,
 //                and write them token-major (batch, L, [dB | dC]) so that the writes are coalesced.
 #include <torch/extension.h>
