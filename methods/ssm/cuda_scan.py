@@ -1,11 +1,10 @@
 """Sequence-parallel selective scan in CUDA (methods/ssm/csrc/scan_sp.cu), for d_state 16.
 
 The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
-the fallback), with a channel's states in two lanes' registers instead of spread over a warp: about a
-third of the instructions per element (docs/gpu_notes.md). The carry between superblocks is the Triton
-scan's `_carry_kernel`.
+the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
+between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, session 5.
 
-The extension is compiled with torch.utils.cpp_extension on first use (about a minute, then cached in
+The extension is compiled with torch.utils.cpp_extension on first use (about 90 s, then cached in
 torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
 Triton scan runs instead. "auto" picks it for inference only (methods/ssm/backends_gpu.py says why);
 backend="cuda_sp" asks for it anywhere, gradients included.
@@ -41,8 +40,8 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
-        print("[wsi-bench] compiling the CUDA selective scan (once per machine, about a minute)",
-              file=sys.stderr, flush=True)
+        print("[wsi-bench] loading the CUDA selective scan (the first time on a machine it compiles: "
+              "about a minute and a half)", file=sys.stderr, flush=True)
         return load(name="wsi_bench_scan_sp", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
                     verbose=False)
     except Exception as err:  # no nvcc, a compiler error: the Triton scan runs instead
