@@ -113,9 +113,12 @@ class CudaSelectiveScan(torch.autograd.Function):
         delta, B, C, z = (None if x is None else _token_major(x.to(dtype)) for x in (delta, B, C, z))
         u = _token_major(u)
         A32, D32, bias32 = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
+        ext = extension()
+        if ext is None:
+            raise RuntimeError("the CUDA selective scan is not built here (see the warning above); use "
+                               "backend='auto', which falls back to the Triton scan")
         geo = plan(batch, channels, length)
         rows, f32 = batch * channels, dict(device=u.device, dtype=torch.float32)
-        ext = extension()
         inputs = _given(u=u, delta=delta, A=A32, B=B, C=C, D=D32, z=z, bias=bias32)
         hseg, dtseg = torch.empty(rows, geo.n_seg, STATES, **f32), torch.empty(rows, geo.n_seg, **f32)
         sup_h, sup_dt = torch.empty(rows, geo.n_sup, STATES, **f32), torch.empty(rows, geo.n_sup, **f32)
