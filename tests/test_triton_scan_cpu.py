@@ -1,7 +1,9 @@
 """The Triton scan's kernels in Triton's interpreter on the CPU (so CI without a GPU checks them): output,
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
-the same kernels are tests/test_triton_scan.py."""
+the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
+before it compiles anything."""
+import pytest
 import torch
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -42,3 +44,14 @@ def test_scan_matches_float64_oracle_in_the_triton_interpreter(triton_interprete
 
 if __name__ == "__main__":
     check_scan()
+
+
+def test_cuda_scan_rejects_cpu_tensors_before_building():
+    """On CPU tensors the CUDA scan says what to use, without trying to compile its extension."""
+    from methods.ssm import cuda_scan
+
+    u = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="run on CUDA tensors; use backend='reference'"):
+        cuda_scan.selective_scan_cuda_sp(u, u, -torch.ones(4, 16), torch.randn(1, 16, 64),
+                                         torch.randn(1, 16, 64))
+    assert cuda_scan.extension.cache_info().currsize == 0, "it tried to compile the extension"
