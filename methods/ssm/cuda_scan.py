@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from methods.ssm.triton_scan import _carry_kernel, _check_inputs
+from methods.ssm.triton_scan import _carry_kernel, _check_inputs, scan_outputs
 
 SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
 STATES = 16          # the kernel's d_state
@@ -131,11 +131,7 @@ class CudaSelectiveScan(torch.autograd.Function):
                             "out": out}, _sizes(geo, delta_softplus))
         ctx.save_for_backward(u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt)
         ctx.geo, ctx.delta_softplus = geo, delta_softplus
-        if not return_last_state:
-            return out
-        last_state = carry[:, geo.n_sup].view(batch, channels, STATES)
-        ctx.mark_non_differentiable(last_state)
-        return out, last_state
+        return scan_outputs(ctx, out, carry[:, geo.n_sup].view(batch, channels, STATES), return_last_state)
 
     @staticmethod
     def backward(ctx, dout, *unused):

@@ -525,6 +525,15 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, carry, 
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
 
 
+def scan_outputs(ctx, out, last_state, return_last_state: bool):
+    """What a scan's autograd forward returns: out, or (out, last_state) with no gradient through
+    last_state (as in mamba-ssm)."""
+    if not return_last_state:
+        return out
+    ctx.mark_non_differentiable(last_state)
+    return out, last_state
+
+
 class TritonSelectiveScan(torch.autograd.Function):
     """mamba_ssm.selective_scan_fn's semantics, sequence-parallel. The last state gets no gradient
     (as in mamba-ssm)."""
@@ -539,11 +548,7 @@ class TritonSelectiveScan(torch.autograd.Function):
         out, carry, dtsum = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, geo)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, carry, dtsum)
         ctx.geo, ctx.delta_softplus = geo, delta_softplus
-        if not return_last_state:
-            return out
-        last_state = carry[:, geo.n_seg].view(batch, channels, d_state)
-        ctx.mark_non_differentiable(last_state)
-        return out, last_state
+        return scan_outputs(ctx, out, carry[:, geo.n_seg].view(batch, channels, d_state), return_last_state)
 
     @staticmethod
     def backward(ctx, dout, *unused):
