@@ -415,7 +415,8 @@ def _bwd_main_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     if not u.is_cuda and not triton_interpreting():
-        raise ValueError("the sequence-parallel selective scans (Triton, CUDA) run on CUDA tensors; use backend='reference' on CPU")
+        raise ValueError("the sequence-parallel selective scans (Triton, CUDA) run on CUDA tensors; "
+                         "use backend='reference' on CPU")
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, channels, length), got {tuple(u.shape)} "
                          f"and {tuple(delta.shape)}")
