@@ -26,7 +26,8 @@ from methods.ssm.triton_scan import _carry_kernel, _check_inputs, scan_outputs
 SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
 STATES = 16          # the kernel's d_state
 THREADS = 128        # per block; a block holds THREADS / group segments (a superblock)
-CHUNK = 8            # tokens per vector load; segments are whole chunks
+CHUNK = 8            # tokens per vector load
+PAIR = 16            # segments are whole multiples of 16 tokens (dB | dC are written 16 at a time)
 TARGET_BLOCKS = 8192  # enough blocks to fill 132 multiprocessors many times over
 MIN_SEGMENT = 64      # shorter segments spend more on summaries than on scanning
 DTYPES = (torch.float32, torch.bfloat16)
@@ -71,7 +72,7 @@ def plan(batch: int, channels: int, length: int) -> Geometry:
     n_cblk = triton.cdiv(channels, group // 2)
     per_block = THREADS // group
     segments_wanted = max(1, TARGET_BLOCKS * per_block // (batch * n_cblk))
-    seg_len = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(length, segments_wanted), CHUNK) * CHUNK)
+    seg_len = triton.cdiv(max(MIN_SEGMENT, triton.cdiv(length, segments_wanted)), PAIR) * PAIR
     n_seg = triton.cdiv(length, seg_len)
     return Geometry(batch, channels, length, group, seg_len, n_seg, triton.cdiv(n_seg, per_block))
 
@@ -147,10 +148,10 @@ class CudaSelectiveScan(torch.autograd.Function):
         ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup},
                 _sizes(geo, ctx.delta_softplus))
         rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
-        # dB | dC token-major (batch, L, 32), coalesced; several channel blocks add into it in float32
+        # dB | dC in one (batch, 32, L) buffer; several channel blocks add into it in float32
         atomic = geo.n_cblk > 1
         make = torch.zeros if atomic else torch.empty
-        dbc = make(geo.batch, geo.length, 2 * STATES, device=u.device,
+        dbc = make(geo.batch, 2 * STATES, geo.length, device=u.device,
                    dtype=torch.float32 if atomic else u.dtype)
         parts = geo.batch * geo.n_sup
         grads = dict(du=torch.empty(u.shape, device=u.device, dtype=u.dtype),
@@ -164,7 +165,7 @@ class CudaSelectiveScan(torch.autograd.Function):
                 _sizes(geo, ctx.delta_softplus, atomic))
         u_t, delta_t, A_t, B_t, C_t, D_t, z_t, bias_t = ctx.dtypes
         return (grads["du"].to(u_t), grads["ddelta"].to(delta_t), grads["dA_part"].sum(0).to(A_t),
-                dbc[..., :STATES].transpose(1, 2).to(B_t), dbc[..., STATES:].transpose(1, 2).to(C_t),
+                dbc[:, :STATES].to(B_t), dbc[:, STATES:].to(C_t),
                 None if D is None else grads["dD_part"].sum(0).to(D_t),
                 None if z is None else grads["dz"].to(z_t),
                 None if bias is None else grads["dbias_part"].sum(0).to(bias_t), None, None)

@@ -23,9 +23,9 @@
 //   [carry]      adjoint entering each superblock from the right.
 //   bwd_main:    chunks from the last: recompute the chunk's 8 states and decays from hck into shared
 //                memory, walk them backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, and
-//                form the gradients. dB and
-//                dC sum over channels: the lanes of a segment add their terms through shared memory,
-//                and write them token-major (batch, L, [dB | dC]) so that the writes are coalesced.
+//                form the gradients. dB and dC sum over channels: the lanes of a segment add their
+//                terms through shared memory and collect 16 tokens of each row there, so that every
+//                write fills a 32-byte sector.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,6 +41,7 @@ namespace {
 constexpr int kStates = 16;                       // d_state
 constexpr int kHalf = 8;                          // states per lane
 constexpr int kChunk = 8;                         // tokens per vector load (16 bytes of bf16)
+constexpr int kPair = 2 * kChunk;                 // dB | dC are written 16 tokens (32 bytes of bf16) at a time
 constexpr int kThreads = 128;
 constexpr int kStageRow = kChunk * 2 * kStates + 16;  // a segment's [token][B | C] tile, +16 spreads banks
 constexpr int kRedRow = 2 * kStates + 4;              // a channel's dB | dC terms of one token, +4 pad
@@ -55,7 +56,7 @@ struct Params {
   bool has_z, has_d, has_bias, softplus, atomic_bc;
   float *hseg, *dtseg, *sup_h, *sup_dt, *hstart, *hck, *wseg, *wsup;
   const float *carry, *rcarry;
-  void *out, *du, *ddelta, *dz, *dBC;  // dBC: (batch, L, [dB | dC]), float32 where atomic_bc
+  void *out, *du, *ddelta, *dz, *dBC;  // dBC: (batch, [dB | dC], L), float32 where atomic_bc
   float *dA_part, *dD_part, *dbias_part;
 };
 
@@ -150,15 +151,6 @@ __device__ __forceinline__ void store8(__nv_bfloat16* row, int64_t t0, int64_t L
   }
 }
 
-// one or two consecutive values (two: one 4- or 8-byte store)
-__device__ __forceinline__ void store_own(float* q, const float (&v)[1]) { *q = v[0]; }
-__device__ __forceinline__ void store_own(__nv_bfloat16* q, const float (&v)[1]) { *q = __float2bfloat16(v[0]); }
-__device__ __forceinline__ void store_own(float* q, const float (&v)[2]) {
-  *reinterpret_cast<float2*>(q) = make_float2(v[0], v[1]);
-}
-__device__ __forceinline__ void store_own(__nv_bfloat16* q, const float (&v)[2]) {
-  *reinterpret_cast<__nv_bfloat162*>(q) = __floats2bfloat162_rn(v[0], v[1]);
-}
 
 // ---- where a lane sits ------------------------------------------------------------------------------
 
@@ -473,6 +465,7 @@ struct BwdSmem {
   float4 as[kChunk][2][kThreads];      // the chunk's decays a_0..a_7
   float red[2][Ln::SB][Ln::CS][kRedRow];  // dB | dC terms of two tokens (double-buffered)
   float stage[Ln::SB][kStageRow];
+  float bc[Ln::SB][2 * kStates][kPair + 1];  // a segment's dB | dC for 16 tokens (+1: banks)
 };
 
 template <typename T, int G>
@@ -520,10 +513,11 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   float dD = 0.f, dbias = 0.f;
   // dB | dC entries this lane sums: kOwn consecutive entries of the [B h0 | C h0 | B h1 | C h1] row
   const int own0 = ln.l * kOwn;
-  // dB | dC are written token-major, (batch, L, [dB | dC]): per token a segment's lanes write 64 or 128
-  // contiguous bytes (row-major (batch, 16, L) would scatter 2-byte writes over 32 rows, which cost more
-  // than all of this kernel's arithmetic)
+  // ... and their rows of dB | dC. The sums are collected in shared memory for 16 tokens and then
+  // written in 32-byte pieces: 2-byte writes per token, scattered over 32 rows, cost more than all of
+  // this kernel's arithmetic (docs/gpu_notes.md, session 5)
   const int own_out = ((own0 % kStates) >= kHalf ? kStates : 0) + (own0 / kStates) * kHalf + own0 % kHalf;
+  float(*const bc)[kPair + 1] = sm.bc[ln.seg];
   // token t's dB | dC terms of every channel of the segment (read one token late, so that the
   // shared-memory latency hides behind the next token's arithmetic), summed and written
   using Terms = float[Ln::CS][kOwn];
@@ -533,24 +527,36 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
 #pragma unroll
       for (int o = 0; o < kOwn; ++o) terms[c][o] = sm.red[buf][ln.seg][c][own0 + o];
   };
-  auto store_terms = [&](Terms& terms, int64_t t) {
+  auto store_terms = [&](Terms& terms, int col) {  // col: the token's place among the 16
 #pragma unroll
     for (int w = Ln::CS / 2; w > 0; w /= 2)
 #pragma unroll
       for (int c = 0; c < w; ++c)
 #pragma unroll
         for (int o = 0; o < kOwn; ++o) terms[c][o] += terms[c + w][o];
-    if (t >= p.L) return;
-    const int64_t at = (int64_t(ln.b) * p.L + t) * (2 * kStates) + own_out;
-    if (p.atomic_bc) {
 #pragma unroll
-      for (int o = 0; o < kOwn; ++o) atomicAdd(static_cast<float*>(p.dBC) + at + o, terms[0][o]);
-    } else {
-      float v[kOwn];
+    for (int o = 0; o < kOwn; ++o) bc[own_out + o][col] = terms[0][o];
+  };
+  // the 16 collected tokens from t: item i of 64 is row i / 2, tokens 8 (i % 2) .. + 8, so that two
+  // neighbouring lanes fill one 32-byte sector with one instruction
+  auto write_bc = [&](int64_t t) {
+    __syncwarp(ln.mask);
+    for (int i = ln.l; i < 2 * 2 * kStates; i += G) {
+      const int r = i / 2, q = i % 2;
+      const int64_t t8 = t + q * kChunk;
+      float v[kChunk];
 #pragma unroll
-      for (int o = 0; o < kOwn; ++o) v[o] = terms[0][o];
-      store_own(static_cast<T*>(p.dBC) + at, v);
+      for (int j = 0; j < kChunk; ++j) v[j] = bc[r][q * kChunk + j];
+      const int64_t row = (int64_t(ln.b) * 2 * kStates + r) * p.L;
+      if (p.atomic_bc) {
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j)
+          if (t8 + j < p.L) atomicAdd(static_cast<float*>(p.dBC) + row + t8 + j, v[j]);
+      } else {
+        store8(static_cast<T*>(p.dBC) + row, t8, p.L, v);
+      }
     }
+    __syncwarp(ln.mask);
   };
   for (int64_t k = n_chunks - 1; k >= 0; --k) {
     const int64_t t0 = ln.t_start + k * kChunk;
@@ -624,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       if (p.has_z) z[t] = g_out[t] * fmaf(Dv, u[t], y) * gt.sz * (1.f + z[t] * (1.f - gt.sz));  // dz
       u[t] = fmaf(gB, dt[t], Dv * gt.dy);                                                         // du
       x[t] = ddt;
-      if (t < kChunk - 1) store_terms(terms_next, t0 + t + 1);
+      if (t < kChunk - 1) store_terms(terms_next, int(k % 2) * kChunk + t + 1);
       __syncwarp(ln.mask);  // token t + 1's terms are read: its buffer may take token t - 1's
       float* mine = sm.red[t & 1][ln.seg][ln.slot] + ln.half * kStates;
       write8(mine, dBt);
@@ -634,8 +640,9 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     {
       Terms first;
       load_terms(first, 0);
-      store_terms(first, t0);
+      store_terms(first, int(k % 2) * kChunk);
     }
+    if (k % 2 == 0) write_bc(t0);  // segments start on multiples of 16 tokens
     if (ln.active) {
       if (ln.half == 0) {
         store8(ln.template out_row<T>(p.du, p.L), t0, p.L, u);
