@@ -1,9 +1,10 @@
 """Registers the sequence-parallel scans as backends of `methods.ssm.scan.selective_scan`: "cuda_sp" (CUDA,
-methods/ssm/cuda_scan.py, d_state 16, compiled on first use; inference only, see `cuda_sp_supports`)
-and "triton" (methods/ssm/triton_scan.py, any d_state, training, and the fallback where the CUDA one
-does not build), and says by shape where they beat mamba-ssm's stock kernel; switches
-Mamba's short convolution to the Triton kernel (methods/ssm/triton_conv.py) on CUDA, and the narrow
-mixers' projections to the Triton token-wise linear map (methods/ssm/triton_linear.py).
+methods/ssm/cuda_scan.py, d_state 16, compiled on first use; at the shapes where it beat the Triton
+scan, see `cuda_sp_supports`) and "triton" (methods/ssm/triton_scan.py, any d_state, the other
+shapes, and the fallback where the CUDA one does not build), and says by shape where they beat
+mamba-ssm's stock kernel; switches Mamba's short convolution to the Triton kernel
+(methods/ssm/triton_conv.py) on CUDA, and the narrow mixers' projections to the Triton token-wise
+linear map (methods/ssm/triton_linear.py).
 
     from methods.ssm import backends_gpu
     backends_gpu.register()          # idempotent; a no-op without CUDA or Triton
@@ -24,6 +25,8 @@ from methods.ssm.scan import ScanInfo, register_backend
 # shapes where the stock kernel is as fast back to it.
 TRITON_PRIORITY = 20
 CUDA_SP_PRIORITY = 30
+CUDA_SP_MAX_CHANNELS = 768        # inference; measured, see `cuda_sp_supports`
+CUDA_SP_MAX_TRAIN_CHANNELS = 8    # training; measured, see `cuda_sp_supports`
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
 MAX_STATE = 64
 # The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
@@ -59,14 +62,17 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 
 
 def cuda_sp_supports(info: ScanInfo) -> bool:
-    """Inference calls where the Triton scan would run and the CUDA scan can (it builds, d_state 16).
+    """Calls where the Triton scan would run, the CUDA scan can (it builds, d_state 16), and it was the
+    faster of the two at every Pixel-Mamba layer shape of 16 M tissue pixels (H200, docs/performance.md,
+    session 6).
 
-    Its forward is 1.2x the Triton scan's (H100, 6 x 16.8 M: 2.86 against 3.55 ms in bf16), and so is
-    its standalone backward; but it writes dB | dC token-major, and inside the mixer autograd's
-    transposing concatenation of the x_proj gradient then costs ~12 ms, more than it saves
-    (docs/gpu_notes.md, session 5). Training stays on the Triton scan until the kernel writes them
-    channel-first."""
-    if info.needs_grad or not triton_supports(info):
+    Forward: faster up to 768 channels (6 x 16.8 M in bf16: 2.95 against 3.78 ms), not at 1536.
+    Forward + backward: faster at 8 channels or fewer (12.5 against 14.4 ms; the whole mixer 37.4
+    against 40.4 ms). At 12 channels the two are equal (14.4 against 14.1 ms); above 16 a thread block
+    holds only some of the channels and adds its share of dB | dC atomically into a float32 buffer,
+    which is slower (24 channels: 15.8 against 10.3 ms)."""
+    most = CUDA_SP_MAX_TRAIN_CHANNELS if info.needs_grad else CUDA_SP_MAX_CHANNELS
+    if info.channels > most or not triton_supports(info):
         return False
     from methods.ssm import cuda_scan  # compiles the extension on the first call
 
