@@ -2,12 +2,13 @@
 
 The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
 the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
-between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, session 5.
+between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-6.
 
 The extension is compiled with torch.utils.cpp_extension on first use (about 90 s, then cached in
 torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
-Triton scan runs instead. "auto" picks it for inference only (methods/ssm/backends_gpu.py says why);
-backend="cuda_sp" asks for it anywhere, gradients included.
+Triton scan runs instead. "auto" picks it where it was measured faster: inference up to 768 channels,
+training up to 8 (methods/ssm/backends_gpu.py, `cuda_sp_supports`); backend="cuda_sp" asks for it
+anywhere, gradients included.
 """
 from __future__ import annotations
 
