@@ -275,6 +275,19 @@ __device__ __forceinline__ int valid_segments(const Params& p) {
   return int(min(int64_t(Lane<G>::SB), int64_t(p.n_seg) - int64_t(blockIdx.x) * Lane<G>::SB));
 }
 
+// One state (or adjoint) entry chained across a superblock's segments: X = exp(A dt_i) X + v_i over its
+// first nv segments, in token order or, kReverse, backwards. visit(i, X) sees the value entering
+// segment i, for each of the block's segments; returns the value leaving the chain.
+template <int G, bool kReverse, typename Dt, typename Value, typename Visit>
+__device__ __forceinline__ float chain_segments(int nv, float X, float a2, Dt dt, Value v, Visit visit) {
+  for (int k = 0; k < Lane<G>::SB; ++k) {
+    const int i = kReverse ? Lane<G>::SB - 1 - k : k;
+    visit(i, X);
+    if (i < nv) X = fmaf(ex2(a2 * dt(i)), X, v(i));
+  }
+  return X;
+}
+
 // ---- forward ----------------------------------------------------------------------------------------
 
 template <typename T, int G>
@@ -317,11 +330,10 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
     const float a2 = p.A[(row % p.E) * kStates + n] * kLog2e;
-    float H = 0.f, S = 0.f;
-    for (int i = 0; i < nv; ++i) {
-      H = fmaf(ex2(a2 * seg_dt[i][slot]), H, seg_h[i][slot][n]);
-      S += seg_dt[i][slot];
-    }
+    float S = 0.f;
+    const float H = chain_segments<G, false>(
+        nv, 0.f, a2, [&](int i) { return seg_dt[i][slot]; }, [&](int i) { return seg_h[i][slot][n]; },
+        [&](int i, float) { S += i < nv ? seg_dt[i][slot] : 0.f; });
     p.sup_h[(row * p.n_sup + blockIdx.x) * kStates + n] = H;
     if (n == 0) p.sup_dt[row * p.n_sup + blockIdx.x] = S;
   }
@@ -338,15 +350,16 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
     int slot, n;
     int64_t row;
     const bool ok = combine_item<G>(p, q, slot, n, row);
-    float H = ok ? p.carry[(row * (p.n_sup + 1) + blockIdx.x) * kStates + n] : 0.f;
-    const float a2 = ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f;
-    for (int i = 0; i < Ln::SB; ++i) {
-      seg_in[i][slot][n] = H;
-      if (!ok || i >= nv) continue;
-      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
-      p.hstart[(row * p.n_seg + s) * kStates + n] = H;
-      H = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), H, p.hseg[(row * p.n_seg + s) * kStates + n]);
-    }
+    const int n_ok = ok ? nv : 0;
+    const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;  // the block's first segment
+    chain_segments<G, false>(
+        n_ok, ok ? p.carry[(row * (p.n_sup + 1) + blockIdx.x) * kStates + n] : 0.f,
+        ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f, [&](int i) { return p.dtseg[s0 + i]; },
+        [&](int i) { return p.hseg[(s0 + i) * kStates + n]; },
+        [&](int i, float H) {
+          seg_in[i][slot][n] = H;
+          if (i < n_ok) p.hstart[(s0 + i) * kStates + n] = H;
+        });
   }
   const Ln ln(p);
   ChunkIn<T, G, 2 * kStates> cur, nxt;
@@ -443,13 +456,10 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
-    const float a2 = p.A[(row % p.E) * kStates + n] * kLog2e;
-    float R = 0.f;
-    for (int i = nv - 1; i >= 0; --i) {
-      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
-      R = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), R, seg_w[i][slot][n]);
-    }
-    p.wsup[(row * p.n_sup + blockIdx.x) * kStates + n] = R;
+    const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;
+    p.wsup[(row * p.n_sup + blockIdx.x) * kStates + n] = chain_segments<G, true>(
+        nv, 0.f, p.A[(row % p.E) * kStates + n] * kLog2e, [&](int i) { return p.dtseg[s0 + i]; },
+        [&](int i) { return seg_w[i][slot][n]; }, [](int, float) {});
   }
 }
 
@@ -483,14 +493,12 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     int slot, n;
     int64_t row;
     const bool ok = combine_item<G>(p, q, slot, n, row);
-    float R = ok ? p.rcarry[(row * (p.n_sup + 1) + blockIdx.x + 1) * kStates + n] : 0.f;
-    const float a2 = ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f;
-    for (int i = Ln::SB - 1; i >= 0; --i) {
-      seg_r[i][slot][n] = R;
-      if (!ok || i >= nv) continue;
-      const int64_t s = int64_t(blockIdx.x) * Ln::SB + i;
-      R = fmaf(ex2(a2 * p.dtseg[row * p.n_seg + s]), R, p.wseg[(row * p.n_seg + s) * kStates + n]);
-    }
+    const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;
+    chain_segments<G, true>(
+        ok ? nv : 0, ok ? p.rcarry[(row * (p.n_sup + 1) + blockIdx.x + 1) * kStates + n] : 0.f,
+        ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f, [&](int i) { return p.dtseg[s0 + i]; },
+        [&](int i) { return p.wseg[(s0 + i) * kStates + n]; },
+        [&](int i, float R) { seg_r[i][slot][n] = R; });
   }
   const Ln ln(p);
   const int tid = threadIdx.x;
