@@ -169,7 +169,8 @@ def scan_inputs(channels: int, tokens: int, dtype: torch.dtype, seed: int = 0) -
 
 
 def scan_paths() -> dict:
-    """ours: the Triton scan (what training runs); cuda_sp: the CUDA scan beside it, where it builds."""
+    """ours: the Triton scan; cuda_sp: the CUDA scan beside it, where it builds. "auto" picks one of the
+    two by shape (methods/ssm/backends_gpu.py), so both are timed."""
     paths = {}
     try:
         from methods.ssm import cuda_scan

@@ -76,8 +76,8 @@ def test_scan_kernel_last_state(monkeypatch):
 @pytest.mark.parametrize("path,split", [("ours", False), ("stock", False), ("stock", True)])
 @pytest.mark.parametrize("d_model", [3, 24])
 def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split, d_model):
-    """ours: the Triton scan and convolution where registered; stock: mamba_ssm and causal_conv1d only,
-    split along L (as past their 32-bit limits) when `split`."""
+    """ours: our scans (the CUDA one at d_model 3, Triton at 24) and convolution; stock: mamba_ssm and
+    causal_conv1d only, split along L (as past their 32-bit limits) when `split`."""
     if split:
         monkeypatch.setattr(ssm_cuda, "kernel_segment_length", lambda *shape: 2048)
         monkeypatch.setattr(ssm_cuda, "conv_segment_length", lambda *shape: 1000)
