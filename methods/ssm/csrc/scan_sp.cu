@@ -250,9 +250,18 @@ struct ChunkIn {
   }
 };
 
-__device__ __forceinline__ void read8(const float* src, float v[kHalf]) {
-  const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+__device__ __forceinline__ void split8(const float4 a, const float4 b, float v[kHalf]) {
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void read8(const float* src, float v[kHalf]) {
+  split8(*reinterpret_cast<const float4*>(src), *reinterpret_cast<const float4*>(src + 4), v);
+}
+
+// token t's B (part kB) or C (part kC) states of this lane's half, from a ChunkIn::stage tile
+constexpr int kB = 0, kC = kStates;
+__device__ __forceinline__ void read_staged(const float* tile, int t, int part, int half, float v[kHalf]) {
+  read8(&tile[t * 2 * kStates + part + half * kHalf], v);
 }
 
 __device__ __forceinline__ void write8(float* dst, const float v[kHalf]) {
@@ -309,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf];
-      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      read_staged(stage[ln.seg], t, kB, ln.half, Bt);
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) h[j] = fmaf(ex2(dtl * A[j]), h[j], dtu * Bt[j]);
@@ -378,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
-      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
-      read8(&stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
+      read_staged(stage[ln.seg], t, kB, ln.half, Bt);
+      read_staged(stage[ln.seg], t, kC, ln.half, Ct);
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
       float acc = 0.f;
 #pragma unroll
@@ -434,8 +443,8 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
-      read8(&stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
-      read8(&stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
+      read_staged(stage[ln.seg], t, kB, ln.half, Bt);
+      read_staged(stage[ln.seg], t, kC, ln.half, Ct);
       const float dy = ln.active ? gate(p.has_z, g[t], p.has_z ? z[t] : 0.f).dy : 0.f;
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
 #pragma unroll
@@ -575,14 +584,11 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     if (p.has_z) unpack8(cur.z, z);
     cur.stage(ln, sm.stage[ln.seg]);
     // the chunk's states and decays, forward (h_{-1} is the checkpoint)
-    {
-      const float4 a = h0cur[0], b = h0cur[1];
-      h[0] = a.x; h[1] = a.y; h[2] = a.z; h[3] = a.w; h[4] = b.x; h[5] = b.y; h[6] = b.z; h[7] = b.w;
-    }
+    split8(h0cur[0], h0cur[1], h);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], a[kHalf];
-      read8(&sm.stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
+      read_staged(sm.stage[ln.seg], t, kB, ln.half, Bt);
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) {
@@ -602,14 +608,10 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       Terms terms_next;  // token t + 1's, loaded before token t's arithmetic
       if (t < kChunk - 1) load_terms(terms_next, (t + 1) & 1);
       float Bt[kHalf], Ct[kHalf], dBt[kHalf], dCt[kHalf], hp[kHalf], a[kHalf];
-      read8(&sm.stage[ln.seg][t * 2 * kStates + ln.half * kHalf], Bt);
-      read8(&sm.stage[ln.seg][t * 2 * kStates + kStates + ln.half * kHalf], Ct);
-      {
-        const float4 p0 = t ? sm.hs[t - 1][0][tid] : h0cur[0], p1 = t ? sm.hs[t - 1][1][tid] : h0cur[1];
-        hp[0] = p0.x; hp[1] = p0.y; hp[2] = p0.z; hp[3] = p0.w; hp[4] = p1.x; hp[5] = p1.y; hp[6] = p1.z; hp[7] = p1.w;
-        const float4 a0 = sm.as[t][0][tid], a1 = sm.as[t][1][tid];
-        a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
-      }
+      read_staged(sm.stage[ln.seg], t, kB, ln.half, Bt);
+      read_staged(sm.stage[ln.seg], t, kC, ln.half, Ct);
+      split8(t ? sm.hs[t - 1][0][tid] : h0cur[0], t ? sm.hs[t - 1][1][tid] : h0cur[1], hp);
+      split8(sm.as[t][0][tid], sm.as[t][1][tid], a);
       const Gate gt = gate(p.has_z, ln.active ? g_out[t] : 0.f, p.has_z ? z[t] : 0.f);
       const float dtu = dt[t] * u[t];
       float dlog = 0.f, gB = 0.f, y = 0.f;  // sums over this lane's states
