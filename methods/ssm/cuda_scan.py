@@ -62,10 +62,7 @@ class Geometry:
     seg_len: int
     n_seg: int
     n_sup: int     # superblocks (blocks along the sequence)
-
-    @property
-    def n_cblk(self) -> int:
-        return triton.cdiv(self.channels, self.group // 2)
+    n_cblk: int    # blocks along the channels
 
 
 def plan(batch: int, channels: int, length: int) -> Geometry:
@@ -75,7 +72,7 @@ def plan(batch: int, channels: int, length: int) -> Geometry:
     segments_wanted = max(1, TARGET_BLOCKS * per_block // (batch * n_cblk))
     seg_len = triton.cdiv(max(MIN_SEGMENT, triton.cdiv(length, segments_wanted)), PAIR) * PAIR
     n_seg = triton.cdiv(length, seg_len)
-    return Geometry(batch, channels, length, group, seg_len, n_seg, triton.cdiv(n_seg, per_block))
+    return Geometry(batch, channels, length, group, seg_len, n_seg, triton.cdiv(n_seg, per_block), n_cblk)
 
 
 def _sizes(geo: Geometry, softplus: bool, atomic_bc: bool = False) -> dict[str, int]:
