@@ -21,11 +21,13 @@
 //   bwd_summary: forward states at every 8-token chunk start (hck), the segment's adjoint summary
 //                W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg), and the superblock's (wsup).
 //   [carry]      adjoint entering each superblock from the right.
-//   bwd_main:    chunks from the last: recompute the chunk's 8 states and decays from hck into shared
-//                memory, walk them backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, and
-//                form the gradients. dB and dC sum over channels: the lanes of a segment add their
-//                terms through shared memory and collect 16 tokens of each row there, so that every
-//                write fills a 32-byte sector.
+//   bwd_main:    chunks from the last: recompute the chunk's 8 states from hck into shared memory,
+//                walk them backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, and form the
+//                gradients. The decays a_t are computed again on the way back: one more ex2 per state
+//                costs less than their round trip through shared memory (docs/gpu_notes.md, session 7).
+//                dB and dC sum over channels: the lanes of a segment add their terms through shared
+//                memory and collect 16 tokens of each row there, so that every write fills a 32-byte
+//                sector.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,20 +62,35 @@ struct Params {
   float *dA_part, *dD_part, *dbias_part;
 };
 
+// The MUFU approximations with denormals flushed to zero (.ftz): without it every call also scales its
+// argument in and out of the denormal range, a few instructions each, for values under 1e-38
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
-// log1p(exp(x)) with Goldberg's correction where exp(x) is tiny; identity above 20 (as mamba-ssm)
+__device__ __forceinline__ float rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * kLog2e)); }
+
+// log1p(exp(x)) with Goldberg's correction where exp(x) is tiny; identity above 20 (as mamba-ssm).
+// Both sides are computed and one is selected: a branch here diverges inside a warp.
 __device__ __forceinline__ float softplus(float x) {
-  float ex = __expf(x);
-  float one_plus = 1.f + ex;
-  float sp = one_plus == 1.f ? ex : __logf(one_plus) * __fdividef(ex, one_plus - 1.f);
-  return x <= 20.f ? sp : x;
+  const float ex = ex2(x * kLog2e);
+  const float one_plus = 1.f + ex;
+  const float sp = lg2(one_plus) * (ex * rcp(one_plus - 1.f)) * 0.6931471805599453f;
+  return x > 20.f ? x : (one_plus == 1.f ? ex : sp);
 }
 
 // ---- 8 tokens of one row ------------------------------------------------------------------------------
@@ -85,16 +102,17 @@ struct Raw8 {
   uint4 v[sizeof(T) / 2];  // 8 tokens: 16 bytes of bf16, 32 of float
 };
 
-__device__ __forceinline__ bool vec_ok(const void* q, int64_t t0, int64_t L) {
-  return t0 + kChunk <= L && (reinterpret_cast<uintptr_t>(q) & 15) == 0;
-}
+// A chunk's tokens inside the sequence: n of the 8 from t0 (n <= 0 past the end)
+__device__ __forceinline__ int inside(int64_t t0, int64_t L) { return int(min(int64_t(kChunk), L - t0)); }
 
-// 8 tokens from t0 (zero past L); a 16-byte vector access where aligned and inside the sequence
+__device__ __forceinline__ bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; }
+
+// 8 tokens from q, of which the first n are inside the sequence (the rest read as zero); vec: all 8 are
+// and q is 16-byte aligned, so one vector access does
 template <typename T>
-__device__ __forceinline__ Raw8<T> fetch8(const T* row, int64_t t0, int64_t L) {
+__device__ __forceinline__ Raw8<T> fetch8(const T* q, int n, bool vec) {
   Raw8<T> r;
-  const T* q = row + t0;
-  if (vec_ok(q, t0, L)) {
+  if (vec) {
 #pragma unroll
     for (int w = 0; w < int(sizeof(T) / 2); ++w) r.v[w] = reinterpret_cast<const uint4*>(q)[w];
   } else {
@@ -103,7 +121,7 @@ __device__ __forceinline__ Raw8<T> fetch8(const T* row, int64_t t0, int64_t L) {
     T* e = reinterpret_cast<T*>(r.v);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t)
-      if (t0 + t < L) e[t] = q[t];
+      if (t < n) e[t] = q[t];
   }
   return r;
 }
@@ -124,21 +142,20 @@ __device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16>& r, float v[kC
   }
 }
 
-__device__ __forceinline__ void store8(float* row, int64_t t0, int64_t L, const float v[kChunk]) {
-  float* q = row + t0;
-  if (vec_ok(q, t0, L)) {
+// the first n of 8 tokens to q (n <= 0: none)
+__device__ __forceinline__ void store8(float* q, int n, const float v[kChunk]) {
+  if (n == kChunk && aligned16(q)) {
     *reinterpret_cast<float4*>(q) = make_float4(v[0], v[1], v[2], v[3]);
     *reinterpret_cast<float4*>(q + 4) = make_float4(v[4], v[5], v[6], v[7]);
   } else {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t)
-      if (t0 + t < L) q[t] = v[t];
+      if (t < n) q[t] = v[t];
   }
 }
 
-__device__ __forceinline__ void store8(__nv_bfloat16* row, int64_t t0, int64_t L, const float v[kChunk]) {
-  __nv_bfloat16* q = row + t0;
-  if (vec_ok(q, t0, L)) {
+__device__ __forceinline__ void store8(__nv_bfloat16* q, int n, const float v[kChunk]) {
+  if (n == kChunk && aligned16(q)) {
     uint4 r;
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
 #pragma unroll
@@ -147,7 +164,7 @@ __device__ __forceinline__ void store8(__nv_bfloat16* row, int64_t t0, int64_t L
   } else {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t)
-      if (t0 + t < L) q[t] = __float2bfloat16(v[t]);
+      if (t < n) q[t] = __float2bfloat16(v[t]);
   }
 }
 
@@ -196,38 +213,62 @@ __device__ void load_A(const Params& p, const Lane<G>& ln, float A[kHalf]) {
   for (int j = 0; j < kHalf; ++j) A[j] = p.A[ln.ec * kStates + ln.half * kHalf + j];
 }
 
-// One chunk's inputs in raw registers: the lane's channel rows and its share of the segment's B | C
-// rows (row r of 32: B's state r, or C's state r - 16; the group's lanes take rows l, l + G, ...).
+// A lane's input rows for one pass, resolved once: its channel's rows and its share of the segment's
+// B | C rows (row r of 32: B's state r, or C's state r - 16; the group's lanes take rows l, l + G, ...)
 template <typename T, int G, int ROWS>
-struct ChunkIn {
+struct Rows {
   static constexpr int kRows = (ROWS + G - 1) / G;
-  Raw8<T> delta, u, z, dout, bc[kRows];
+  const T *delta, *u, *z, *dout, *bc[kRows];
+  bool aligned;  // every row starts on 16 bytes, so whole chunks load as vectors
 
-  __device__ void fetch(const Params& p, const Lane<G>& ln, int64_t t0, bool with_dout) {
-    delta = fetch8(ln.template chan_row<T>(p.delta, p.d_b, p.d_e), t0, p.L);
-    u = fetch8(ln.template chan_row<T>(p.u, p.u_b, p.u_e), t0, p.L);
-    if (p.has_z) z = fetch8(ln.template chan_row<T>(p.z, p.z_b, p.z_e), t0, p.L);
-    if (with_dout) dout = fetch8(ln.template chan_row<T>(p.dout, p.g_b, p.g_e), t0, p.L);
+  __device__ Rows(const Params& p, const Lane<G>& ln, bool with_dout) {
+    delta = ln.template chan_row<T>(p.delta, p.d_b, p.d_e);
+    u = ln.template chan_row<T>(p.u, p.u_b, p.u_e);
+    z = p.has_z ? ln.template chan_row<T>(p.z, p.z_b, p.z_e) : u;
+    dout = with_dout ? ln.template chan_row<T>(p.dout, p.g_b, p.g_e) : u;
+    aligned = aligned16(delta) && aligned16(u) && aligned16(z) && aligned16(dout);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int r = ln.l + i * G;
-      if (r >= ROWS) break;
-      const T* src = r < kStates ? static_cast<const T*>(p.B) + ln.b * p.B_b + r * p.B_n
-                                 : static_cast<const T*>(p.C) + ln.b * p.C_b + (r - kStates) * p.C_n;
-      bc[i] = fetch8(src, t0, p.L);
+      bc[i] = r >= ROWS ? u
+              : r < kStates ? static_cast<const T*>(p.B) + ln.b * p.B_b + r * p.B_n
+                            : static_cast<const T*>(p.C) + ln.b * p.C_b + (r - kStates) * p.C_n;
+      aligned = aligned && aligned16(bc[i]);
+    }
+  }
+};
+
+// One chunk's inputs in raw registers: 8 tokens of each of a Rows' rows.
+template <typename T, int G, int ROWS>
+struct ChunkIn {
+  static constexpr int kRows = Rows<T, G, ROWS>::kRows;
+  Raw8<T> delta, u, z, dout, bc[kRows];
+
+  // tokens t0 .. t0 + 8, n of them inside the sequence
+  __device__ void fetch(const Params& p, const Lane<G>& ln, const Rows<T, G, ROWS>& rows, int64_t t0, int n,
+                        bool with_dout) {
+    const bool vec = n == kChunk && rows.aligned;
+    delta = fetch8(rows.delta + t0, n, vec);
+    u = fetch8(rows.u + t0, n, vec);
+    if (p.has_z) z = fetch8(rows.z + t0, n, vec);
+    if (with_dout) dout = fetch8(rows.dout + t0, n, vec);
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (ln.l + i * G >= ROWS) break;
+      bc[i] = fetch8(rows.bc[i] + t0, n, vec);
     }
   }
 
   // dt (after bias and softplus), x = delta + bias, and u; zero outside the sequence and on lanes
   // without a channel, so those tokens leave every state unchanged
-  __device__ void dt_u(const Params& p, const Lane<G>& ln, int64_t t0, float dt[kChunk], float x[kChunk],
+  __device__ void dt_u(const Params& p, const Lane<G>& ln, int n, float dt[kChunk], float x[kChunk],
                        float uv[kChunk]) const {
     unpack8(delta, x);
     unpack8(u, uv);
     const float bias = p.has_bias ? p.bias[ln.ec] : 0.f;
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
-      const bool in = ln.active && t0 + t < p.L;
+      const bool in = ln.active && t < n;
       x[t] += bias;
       dt[t] = in ? (p.softplus ? softplus(x[t]) : x[t]) : 0.f;
       uv[t] = in ? uv[t] : 0.f;
@@ -308,13 +349,14 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
   const Ln ln(p);
   float A[kHalf], h[kHalf] = {}, dtsum = 0.f;
   load_A(p, ln, A);
-  ChunkIn<T, G, kStates> cur, nxt;
-  if (ln.t_end > ln.t_start) cur.fetch(p, ln, ln.t_start, false);
+  const Rows<T, G, kStates> rows(p, ln, false);
+  ChunkIn<T, G, kStates> in;
+  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), false);
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, false);
     float dt[kChunk], x[kChunk], u[kChunk];
-    cur.dt_u(p, ln, t0, dt, x, u);
-    cur.stage(ln, stage[ln.seg]);
+    in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
+    in.stage(ln, stage[ln.seg]);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf];
@@ -324,7 +366,6 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
       for (int j = 0; j < kHalf; ++j) h[j] = fmaf(ex2(dtl * A[j]), h[j], dtu * Bt[j]);
       dtsum += dt[t];
     }
-    cur = nxt;
   }
   if (ln.t_end > ln.t_start && ln.active) {
     write8(&p.hseg[ln.state_at(p.n_seg, ln.s)], h);
@@ -371,19 +412,21 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
         });
   }
   const Ln ln(p);
-  ChunkIn<T, G, 2 * kStates> cur, nxt;
-  if (ln.t_end > ln.t_start) cur.fetch(p, ln, ln.t_start, false);
+  const Rows<T, G, 2 * kStates> rows(p, ln, false);
+  ChunkIn<T, G, 2 * kStates> in;
+  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), false);
   __syncthreads();
   float A[kHalf], h[kHalf];
   load_A(p, ln, A);
   read8(&seg_in[ln.seg][ln.slot][ln.half * kHalf], h);
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, false);
+    const int n = inside(t0, p.L);
     float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
-    cur.dt_u(p, ln, t0, dt, x, u);
-    if (p.has_z) unpack8(cur.z, z);
-    cur.stage(ln, stage[ln.seg]);
+    in.dt_u(p, ln, n, dt, x, u);
+    if (p.has_z) unpack8(in.z, z);
+    in.stage(ln, stage[ln.seg]);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -400,8 +443,7 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
       y[t] = fmaf(Dv, u[t], acc);
       if (p.has_z) y[t] *= z[t] * sigmoid(z[t]);
     }
-    if (ln.active && ln.half == 0) store8(ln.template out_row<T>(p.out, p.L), t0, p.L, y);
-    cur = nxt;
+    if (ln.active && ln.half == 0) store8(ln.template out_row<T>(p.out, p.L) + t0, n, y);
   }
 }
 
@@ -430,16 +472,17 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   if (runs && ln.active) read8(&p.hstart[ln.state_at(p.n_seg, ln.s)], h);
 #pragma unroll
   for (int j = 0; j < kHalf; ++j) P[j] = 1.f;
-  ChunkIn<T, G, 2 * kStates> cur, nxt;
-  if (runs) cur.fetch(p, ln, ln.t_start, true);
+  const Rows<T, G, 2 * kStates> rows(p, ln, true);
+  ChunkIn<T, G, 2 * kStates> in;
+  if (runs) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), true);
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (t0 + kChunk < ln.t_end) nxt.fetch(p, ln, t0 + kChunk, true);
     if (ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
     float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
-    cur.dt_u(p, ln, t0, dt, x, u);
-    unpack8(cur.dout, g);
-    if (p.has_z) unpack8(cur.z, z);
-    cur.stage(ln, stage[ln.seg]);
+    in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
+    unpack8(in.dout, g);
+    if (p.has_z) unpack8(in.z, z);
+    in.stage(ln, stage[ln.seg]);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), true);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -455,7 +498,6 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
         h[j] = fmaf(a, h[j], dtu * Bt[j]);
       }
     }
-    cur = nxt;
   }
   if (runs && ln.active) write8(&p.wseg[ln.state_at(p.n_seg, ln.s)], W);
   write8(&seg_w[ln.seg][ln.slot][ln.half * kHalf], W);
@@ -481,7 +523,6 @@ template <int G>
 struct BwdSmem {
   using Ln = Lane<G>;
   float4 hs[kChunk - 1][2][kThreads];  // the chunk's states h_0..h_6, lane-fastest: no bank conflicts
-  float4 as[kChunk][2][kThreads];      // the chunk's decays a_0..a_7
   float red[2][Ln::SB][Ln::CS][kRedRow];  // dB | dC terms of two tokens (double-buffered)
   float stage[Ln::SB][kStageRow];
   float bc[Ln::SB][2 * kStates][kPair + 1];  // a segment's dB | dC for 16 tokens (+1: banks)
@@ -512,10 +553,13 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   const Ln ln(p);
   const int tid = threadIdx.x;
   const int64_t n_chunks = (ln.t_end - ln.t_start + kChunk - 1) / kChunk;
+  const Rows<T, G, 2 * kStates> rows(p, ln, true);
+  // two chunks' inputs: bwd_main issues the next chunk's loads before it unpacks the current one (5.47
+  // against 5.57 ms with one buffer, docs/performance.md session 7; the other kernels are faster with one)
   ChunkIn<T, G, 2 * kStates> cur, nxt;
-  float4 h0cur[2], h0nxt[2];
+  float4 h0cur[2], h0nxt[2];  // the chunks' checkpoints
   auto fetch = [&](ChunkIn<T, G, 2 * kStates>& in, float4 h0[2], int64_t t0) {
-    in.fetch(p, ln, t0, true);
+    in.fetch(p, ln, rows, t0, inside(t0, p.L), true);
     const float4* src = reinterpret_cast<const float4*>(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)]);
     h0[0] = src[0];
     h0[1] = src[1];
@@ -565,26 +609,31 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) v[j] = bc[r][q * kChunk + j];
       const int64_t row = (int64_t(ln.b) * 2 * kStates + r) * p.L;
+      const int n8 = inside(t8, p.L);
       if (p.atomic_bc) {
 #pragma unroll
         for (int j = 0; j < kChunk; ++j)
-          if (t8 + j < p.L) atomicAdd(static_cast<float*>(p.dBC) + row + t8 + j, v[j]);
+          if (j < n8) atomicAdd(static_cast<float*>(p.dBC) + row + t8 + j, v[j]);
       } else {
-        store8(static_cast<T*>(p.dBC) + row, t8, p.L, v);
+        store8(static_cast<T*>(p.dBC) + row + t8, n8, v);
       }
     }
     __syncwarp(ln.mask);
   };
   for (int64_t k = n_chunks - 1; k >= 0; --k) {
     const int64_t t0 = ln.t_start + k * kChunk;
-    if (k > 0) fetch(nxt, h0nxt, t0 - kChunk);
     float dt[kChunk], x[kChunk], u[kChunk], g_out[kChunk], z[kChunk], h[kHalf];
-    cur.dt_u(p, ln, t0, dt, x, u);
+    const int n = inside(t0, p.L);
+    if (k > 0) fetch(nxt, h0nxt, t0 - kChunk);
+    cur.dt_u(p, ln, n, dt, x, u);
     unpack8(cur.dout, g_out);
     if (p.has_z) unpack8(cur.z, z);
     cur.stage(ln, sm.stage[ln.seg]);
-    // the chunk's states and decays, forward (h_{-1} is the checkpoint)
-    split8(h0cur[0], h0cur[1], h);
+    float h_ck[kHalf];  // h_{-1}
+    split8(h0cur[0], h0cur[1], h_ck);
+    // the chunk's states, forward from the checkpoint
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) h[j] = h_ck[j];
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], a[kHalf];
@@ -595,8 +644,6 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
         a[j] = ex2(dtl * A[j]);
         h[j] = fmaf(a[j], h[j], dtu * Bt[j]);
       }
-      sm.as[t][0][tid] = make_float4(a[0], a[1], a[2], a[3]);
-      sm.as[t][1][tid] = make_float4(a[4], a[5], a[6], a[7]);
       if (t < kChunk - 1) {
         sm.hs[t][0][tid] = make_float4(h[0], h[1], h[2], h[3]);
         sm.hs[t][1][tid] = make_float4(h[4], h[5], h[6], h[7]);
@@ -610,8 +657,12 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       float Bt[kHalf], Ct[kHalf], dBt[kHalf], dCt[kHalf], hp[kHalf], a[kHalf];
       read_staged(sm.stage[ln.seg], t, kB, ln.half, Bt);
       read_staged(sm.stage[ln.seg], t, kC, ln.half, Ct);
-      split8(t ? sm.hs[t - 1][0][tid] : h0cur[0], t ? sm.hs[t - 1][1][tid] : h0cur[1], hp);
-      split8(sm.as[t][0][tid], sm.as[t][1][tid], a);
+      if (t) split8(sm.hs[t - 1][0][tid], sm.hs[t - 1][1][tid], hp);
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) hp[j] = t ? hp[j] : h_ck[j];
+      const float dtl = dt[t] * kLog2e;
+#pragma unroll
+      for (int j = 0; j < kHalf; ++j) a[j] = ex2(dtl * A[j]);
       const Gate gt = gate(p.has_z, ln.active ? g_out[t] : 0.f, p.has_z ? z[t] : 0.f);
       const float dtu = dt[t] * u[t];
       float dlog = 0.f, gB = 0.f, y = 0.f;  // sums over this lane's states
@@ -633,8 +684,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       y += __shfl_xor_sync(ln.mask, y, 1);
       float ddt = fmaf(gB, u[t], dlog);
       if (p.softplus) ddt *= x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
-      const bool in = ln.active && t0 + t < p.L;
-      ddt = in ? ddt : 0.f;
+      ddt = ln.active && t < n ? ddt : 0.f;
       dbias += ddt;
       dD = fmaf(gt.dy, u[t], dD);
       if (p.has_z) z[t] = g_out[t] * fmaf(Dv, u[t], y) * gt.sz * (1.f + z[t] * (1.f - gt.sz));  // dz
@@ -655,10 +705,10 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     if (k % 2 == 0) write_bc(t0);  // segments start on multiples of 16 tokens
     if (ln.active) {
       if (ln.half == 0) {
-        store8(ln.template out_row<T>(p.du, p.L), t0, p.L, u);
-        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L), t0, p.L, z);
+        store8(ln.template out_row<T>(p.du, p.L) + t0, n, u);
+        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L) + t0, n, z);
       } else {
-        store8(ln.template out_row<T>(p.ddelta, p.L), t0, p.L, x);
+        store8(ln.template out_row<T>(p.ddelta, p.L) + t0, n, x);
       }
     }
     cur = nxt;
