@@ -70,7 +70,9 @@ def cuda_sp_supports(info: ScanInfo) -> bool:
     Forward + backward: faster at 8 channels or fewer (12.5 against 14.4 ms; the whole mixer 37.4
     against 40.4 ms). At 12 channels the two are equal (14.4 against 14.1 ms); above 16 a thread block
     holds only some of the channels and adds its share of dB | dC atomically into a float32 buffer,
-    which is slower (24 channels: 15.8 against 10.3 ms)."""
+    which is slower (24 channels: 15.8 against 10.3 ms). Session 7 made the CUDA scan faster (6 channels:
+    9.8 ms forward + backward, the mixer 31.2 ms); the shapes around 12 and 24 channels were not timed
+    again, so the rule stands as measured."""
     most = CUDA_SP_MAX_TRAIN_CHANNELS if info.needs_grad else CUDA_SP_MAX_CHANNELS
     if info.channels > most or not triton_supports(info):
         return False

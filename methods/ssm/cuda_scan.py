@@ -2,7 +2,7 @@
 
 The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
 the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
-between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-6.
+between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-7.
 
 The extension is compiled with torch.utils.cpp_extension on first use (about 90 s, then cached in
 torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
