@@ -26,7 +26,7 @@ from methods.ssm.scan import ScanInfo, register_backend
 TRITON_PRIORITY = 20
 CUDA_SP_PRIORITY = 30
 CUDA_SP_MAX_CHANNELS = 768        # inference; measured, see `cuda_sp_supports`
-CUDA_SP_MAX_TRAIN_CHANNELS = 8    # training; measured, see `cuda_sp_supports`
+CUDA_SP_MAX_TRAIN_CHANNELS = 16   # training; measured, see `cuda_sp_supports`
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
 MAX_STATE = 64
 # The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
