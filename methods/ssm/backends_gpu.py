@@ -64,15 +64,13 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 def cuda_sp_supports(info: ScanInfo) -> bool:
     """Calls where the Triton scan would run, the CUDA scan can (it builds, d_state 16), and it was the
     faster of the two at every Pixel-Mamba layer shape of 16 M tissue pixels (H200, docs/performance.md,
-    session 6).
+    sessions 6 and 7).
 
     Forward: faster up to 768 channels (6 x 16.8 M in bf16: 2.95 against 3.78 ms), not at 1536.
-    Forward + backward: faster at 8 channels or fewer (12.5 against 14.4 ms; the whole mixer 37.4
-    against 40.4 ms). At 12 channels the two are equal (14.4 against 14.1 ms); above 16 a thread block
-    holds only some of the channels and adds its share of dB | dC atomically into a float32 buffer,
-    which is slower (24 channels: 15.8 against 10.3 ms). Session 7 made the CUDA scan faster (6 channels:
-    9.8 ms forward + backward, the mixer 31.2 ms); the shapes around 12 and 24 channels were not timed
-    again, so the rule stands as measured."""
+    Forward + backward, the whole bf16 mixer (session 7): faster at 6 channels (31.5 against 40.0 ms)
+    and at 12 (34.4-35.2 against 37.2 ms). Up to 16 channels one thread block holds them all; above 16
+    a block holds only some and adds its share of dB | dC atomically into a float32 buffer, which is
+    slower (24 channels: 37.3-37.9 against 29.0 ms)."""
     most = CUDA_SP_MAX_TRAIN_CHANNELS if info.needs_grad else CUDA_SP_MAX_CHANNELS
     if info.channels > most or not triton_supports(info):
         return False

@@ -7,7 +7,7 @@ between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performa
 The extension is compiled with torch.utils.cpp_extension on first use (about 90 s, then cached in
 torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
 Triton scan runs instead. "auto" picks it where it was measured faster: inference up to 768 channels,
-training up to 8 (methods/ssm/backends_gpu.py, `cuda_sp_supports`); backend="cuda_sp" asks for it
+training up to 16 (methods/ssm/backends_gpu.py, `cuda_sp_supports`); backend="cuda_sp" asks for it
 anywhere, gradients included.
 """
 from __future__ import annotations
