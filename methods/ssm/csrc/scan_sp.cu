@@ -629,11 +629,8 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     unpack8(cur.dout, g_out);
     if (p.has_z) unpack8(cur.z, z);
     cur.stage(ln, sm.stage[ln.seg]);
-    float h_ck[kHalf];  // h_{-1}
-    split8(h0cur[0], h0cur[1], h_ck);
-    // the chunk's states, forward from the checkpoint
-#pragma unroll
-    for (int j = 0; j < kHalf; ++j) h[j] = h_ck[j];
+    // the chunk's states, forward (h_{-1} is the checkpoint)
+    split8(h0cur[0], h0cur[1], h);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], a[kHalf];
@@ -657,9 +654,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       float Bt[kHalf], Ct[kHalf], dBt[kHalf], dCt[kHalf], hp[kHalf], a[kHalf];
       read_staged(sm.stage[ln.seg], t, kB, ln.half, Bt);
       read_staged(sm.stage[ln.seg], t, kC, ln.half, Ct);
-      if (t) split8(sm.hs[t - 1][0][tid], sm.hs[t - 1][1][tid], hp);
-#pragma unroll
-      for (int j = 0; j < kHalf; ++j) hp[j] = t ? hp[j] : h_ck[j];
+      split8(t ? sm.hs[t - 1][0][tid] : h0cur[0], t ? sm.hs[t - 1][1][tid] : h0cur[1], hp);
       const float dtl = dt[t] * kLog2e;
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) a[j] = ex2(dtl * A[j]);
