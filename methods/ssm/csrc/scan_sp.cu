@@ -244,9 +244,10 @@ struct ChunkIn {
   static constexpr int kRows = Rows<T, G, ROWS>::kRows;
   Raw8<T> delta, u, z, dout, bc[kRows];
 
-  // tokens t0 .. t0 + 8, n of them inside the sequence
-  __device__ void fetch(const Params& p, const Lane<G>& ln, const Rows<T, G, ROWS>& rows, int64_t t0, int n,
+  // tokens t0 .. t0 + 8 (zero past the end of the sequence)
+  __device__ void fetch(const Params& p, const Lane<G>& ln, const Rows<T, G, ROWS>& rows, int64_t t0,
                         bool with_dout) {
+    const int n = inside(t0, p.L);
     const bool vec = n == kChunk && rows.aligned;
     delta = fetch8(rows.delta + t0, n, vec);
     u = fetch8(rows.u + t0, n, vec);
@@ -351,12 +352,12 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
   load_A(p, ln, A);
   const Rows<T, G, kStates> rows(p, ln, false);
   ChunkIn<T, G, kStates> in;
-  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), false);
+  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
     float dt[kChunk], x[kChunk], u[kChunk];
     in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), false);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf];
@@ -414,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
   const Ln ln(p);
   const Rows<T, G, 2 * kStates> rows(p, ln, false);
   ChunkIn<T, G, 2 * kStates> in;
-  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), false);
+  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
   __syncthreads();
   float A[kHalf], h[kHalf];
   load_A(p, ln, A);
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
     in.dt_u(p, ln, n, dt, x, u);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), false);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -474,7 +475,7 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   for (int j = 0; j < kHalf; ++j) P[j] = 1.f;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   ChunkIn<T, G, 2 * kStates> in;
-  if (runs) in.fetch(p, ln, rows, ln.t_start, inside(ln.t_start, p.L), true);
+  if (runs) in.fetch(p, ln, rows, ln.t_start, true);
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
     if (ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
     float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
@@ -482,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
     unpack8(in.dout, g);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, inside(t0 + kChunk, p.L), true);
+    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, true);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -559,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   ChunkIn<T, G, 2 * kStates> cur, nxt;
   float4 h0cur[2], h0nxt[2];  // the chunks' checkpoints
   auto fetch = [&](ChunkIn<T, G, 2 * kStates>& in, float4 h0[2], int64_t t0) {
-    in.fetch(p, ln, rows, t0, inside(t0, p.L), true);
+    in.fetch(p, ln, rows, t0, true);
     const float4* src = reinterpret_cast<const float4*>(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)]);
     h0[0] = src[0];
     h0[1] = src[1];
