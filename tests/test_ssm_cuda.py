@@ -85,22 +85,26 @@ def test_mixer_kernel_path_equals_cpu_path(monkeypatch, mixer, path, split, d_mo
         _check_mixer_against_cpu(mixer, d_model)
 
 
-@pytest.mark.parametrize("d_model", [3, 24])
-def test_bimamba_channel_first_path_equals_cpu_path(d_model):
-    """The path bf16 training takes (token-wise Triton projections, reversed reads for the backward
-    branch), here in fp32 against the CPU to 1e-4: fp32 mixers choose cuBLAS, so it is called directly."""
-    from methods.ssm.triton_linear import channel_linear
+@pytest.mark.parametrize("d_model,batch", [(3, 1), (3, 2), (24, 2)])
+@pytest.mark.parametrize("kernels", ["triton_linear", "cuda_channel"])
+def test_bimamba_channel_first_path_equals_cpu_path(d_model, batch, kernels):
+    """The path bf16 training takes (token-wise projections, reversed reads for the backward branch;
+    at d_model 3 each branch one fused autograd node on the CUDA scan, its gradients written in place at
+    batch 1), here in fp32 against the CPU to 1e-4: fp32 mixers choose cuBLAS, so it is called
+    directly."""
+    import importlib
 
-    _check_mixer_against_cpu(BiMambaMixer, d_model,
-                             lambda module, x: module._forward_channel_first(x, channel_linear))
+    linear = importlib.import_module(f"methods.ssm.{kernels}").channel_linear
+    _check_mixer_against_cpu(BiMambaMixer, d_model, lambda module, x: module._forward_channel_first(x, linear),
+                             batch=batch)
 
 
-def _check_mixer_against_cpu(mixer, d_model, gpu_forward=None):
+def _check_mixer_against_cpu(mixer, d_model, gpu_forward=None, batch=2):
     torch.manual_seed(0)
     cpu = mixer(d_model)
     gpu = copy.deepcopy(cpu).cuda()
-    hidden = torch.randn(2, 5001, d_model)
-    weight = torch.randn(2, 5001, d_model)
+    hidden = torch.randn(batch, 5001, d_model)
+    weight = torch.randn(batch, 5001, d_model)
     outs, grads = [], []
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
         x = hidden.clone().to(device).requires_grad_(True)  # a leaf on each device

@@ -14,9 +14,11 @@ CASES = [(2, 6, 700, True, True, torch.float32, 1e-5),
          (2, 6, 517, True, True, torch.bfloat16, 1e-2)]
 
 
-def check_conv(device: str) -> None:
+def check_conv(device: str, conv=None) -> None:
+    """conv: the function under test (default: the Triton one)."""
     from methods.ssm.triton_conv import causal_conv1d_silu_triton
 
+    conv = conv or causal_conv1d_silu_triton
     gen = torch.Generator().manual_seed(0)
     for batch, channels, length, strided, with_bias, dtype, tol in CASES:
         # x as the mixer passes it: a (batch, E, L) view of the first half of in_proj's (batch, L, 2E)
@@ -33,7 +35,7 @@ def check_conv(device: str) -> None:
             x = x.contiguous()
         w = w64.detach().float().to(device).requires_grad_(True)
         b = b64.detach().float().to(device).requires_grad_(True) if with_bias else None
-        y = causal_conv1d_silu_triton(x, w, b)
+        y = conv(x, w, b)
         assert y.dtype == dtype and y.shape == (batch, channels, length) and y.is_contiguous()
 
         dy = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)

@@ -17,11 +17,13 @@ CASES = [(2, 3, 12, 333, True, False, False, torch.float32, 1e-5),     # in_proj
          (2, 6, 38, 301, False, True, False, torch.bfloat16, 1e-2)]
 
 
-def check_linear(device: str) -> None:
-    from methods.ssm.triton_linear import channel_linear
+def check_linear(device: str, channel_linear=None, cases=CASES) -> None:
+    """channel_linear: the function under test (default: the Triton one)."""
+    from methods.ssm import triton_linear
 
+    channel_linear = channel_linear or triton_linear.channel_linear
     gen = torch.Generator().manual_seed(0)
-    for batch, k_in, n_out, length, x_token_major, reverse, y_token_major, dtype, tol in CASES:
+    for batch, k_in, n_out, length, x_token_major, reverse, y_token_major, dtype, tol in cases:
         x64 = torch.randn(batch, k_in, length, generator=gen, dtype=torch.float64)
         w64 = torch.randn(n_out, k_in, generator=gen, dtype=torch.float64)
         dy64 = torch.randn(batch, n_out, length, generator=gen, dtype=torch.float64)

@@ -2,9 +2,9 @@
 methods/ssm/cuda_scan.py, d_state 16, compiled on first use; at the shapes where it beat the Triton
 scan, see `cuda_sp_supports`) and "triton" (methods/ssm/triton_scan.py, any d_state, the other
 shapes, and the fallback where the CUDA one does not build), and says by shape where they beat
-mamba-ssm's stock kernel; switches Mamba's short convolution to the Triton kernel
-(methods/ssm/triton_conv.py) on CUDA, and the narrow mixers' projections to the Triton token-wise
-linear map (methods/ssm/triton_linear.py).
+mamba-ssm's stock kernel; switches Mamba's short convolution to our kernels on CUDA
+(methods/ssm/cuda_channel.py, else methods/ssm/triton_conv.py), and the narrow mixers' projections to
+our token-wise linear maps (the same two modules, triton_linear.py).
 
     from methods.ssm import backends_gpu
     backends_gpu.register()          # idempotent; a no-op without CUDA or Triton
@@ -79,6 +79,20 @@ def cuda_sp_supports(info: ScanInfo) -> bool:
     return cuda_scan.supports(info.channels, info.state, info.dtype)
 
 
+def fused_branch_supports(xz, state: int, width: int, needs_grad: bool, backend: str) -> bool:
+    """Whether the mixer's fused branch (methods/ssm/fused_branch.py) can run a branch on xz
+    (batch, 2E, L): `backend` would take the CUDA scan for it and the CUDA convolution is compiled for
+    its width."""
+    if backend not in ("auto", "cuda_sp") or not (_kernels_enabled and xz.is_cuda):
+        return False
+    batch, channels, length = xz.shape[0], xz.shape[1] // 2, xz.shape[2]
+    info = ScanInfo(batch, channels, state, length, xz.device, xz.dtype, needs_grad, False)
+    from methods.ssm import cuda_channel, cuda_scan  # compiles the extension on the first call
+
+    wanted = cuda_sp_supports(info) if backend == "auto" else cuda_scan.supports(channels, state, xz.dtype)
+    return wanted and width in cuda_channel.CONV_WIDTHS and xz.dtype in cuda_channel.DTYPES
+
+
 def cuda_sp_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                  return_last_state=False):
     from methods.ssm.cuda_scan import selective_scan_cuda_sp
@@ -86,29 +100,30 @@ def cuda_sp_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return selective_scan_cuda_sp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-_kernels_enabled = False  # the Triton convolution and projections
+_kernels_enabled = False  # our convolution and projections
 
 
-def triton_conv(x, weight, bias=None):
-    """The Triton short convolution where it is registered and x is on CUDA, else None."""
+def fast_conv(x, weight, bias=None):
+    """Our short convolution where it is registered and x is on CUDA (the CUDA kernel where the
+    extension builds and the width is compiled, else the Triton one), else None."""
     if not (_kernels_enabled and x.is_cuda):
         return None
-    from methods.ssm.triton_conv import causal_conv1d_silu_triton  # imports triton: only when used
+    from methods.ssm.cuda_channel import causal_conv1d_silu  # imports triton: only when used
 
-    return causal_conv1d_silu_triton(x, weight, bias)
+    return causal_conv1d_silu(x, weight, bias)
 
 
 def channel_linear_for(x, dtype, *weight_shapes):
-    """The Triton token-wise linear map (`triton_linear.channel_linear`) where it is registered, x is on
-    CUDA, the matmuls run in a dtype where it beats cuBLAS and every (out, in) weight shape fits it,
-    else None (use matmuls)."""
+    """Our token-wise linear map (`cuda_channel.channel_linear`: the CUDA kernel for the shapes it is
+    compiled for, the Triton one for the others) where it is registered, x is on CUDA, the matmuls run
+    in a dtype where it beats cuBLAS and every (out, in) weight shape fits it, else None (use matmuls)."""
     if not (_kernels_enabled and x.is_cuda):
         return None
-    from methods.ssm import triton_linear  # imports triton: only when used
+    from methods.ssm import cuda_channel, triton_linear  # imports triton: only when used
 
     if dtype in triton_linear.FAST_DTYPES and all(triton_linear.supports(n_in, n_out)
                                                    for n_out, n_in in weight_shapes):
-        return triton_linear.channel_linear
+        return cuda_channel.channel_linear
     return None
 
 

@@ -168,10 +168,10 @@ def conv_segment_length(batch: int, channels: int, length: int, width: int) -> i
 def causal_conv1d_silu(x, weight, bias=None):
     """silu(causal depthwise conv1d): x (batch, E, L), weight (E, 1, width) as nn.Conv1d's, bias (E,).
 
-    On CUDA: our Triton kernel when registered (methods.ssm.backends_gpu; fast at any shape), else
+    On CUDA: our kernel when registered (methods.ssm.backends_gpu; fast at any shape), else
     causal_conv1d's kernel when installed (split along L past its limits, each segment with the
     width - 1 tokens before it as context, so exact); F.conv1d elsewhere."""
-    y = backends_gpu.triton_conv(x, weight, bias)
+    y = backends_gpu.fast_conv(x, weight, bias)
     if y is not None:
         return y
     width = weight.shape[-1]

@@ -25,6 +25,8 @@ import triton
 from methods.ssm.triton_scan import _carry_kernel, _check_inputs, scan_outputs
 
 SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
+# one extension: the scan, the channel ops (methods/ssm/cuda_channel.py) and their Python bindings
+SOURCES = (SOURCE, SOURCE.with_name("channel_ops.cu"), SOURCE.with_name("bindings.cpp"))
 STATES = 16          # the kernel's d_state
 THREADS = 128        # per block; a block holds THREADS / group segments (a superblock)
 CHUNK = 8            # tokens per vector load
@@ -44,7 +46,7 @@ def extension():
 
         print("[wsi-bench] loading the CUDA selective scan (the first time on a machine it compiles: "
               "about a minute and a half)", file=sys.stderr, flush=True)
-        return load(name="wsi_bench_scan_sp", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
+        return load(name="wsi_bench_ssm_ops", sources=[str(s) for s in SOURCES], extra_cuda_cflags=["-O3"],
                     verbose=False)
     except Exception as err:  # no nvcc, a compiler error: the Triton scan runs instead
         warnings.warn(f"the CUDA selective scan did not build ({type(err).__name__}: {err}); using the "
@@ -98,6 +100,94 @@ def _given(**tensors):
     return {name: t for name, t in tensors.items() if t is not None}
 
 
+@dataclass
+class Saved:
+    """What the backward needs from the forward: tensors (for ctx.save_for_backward) and the plan."""
+    tensors: tuple
+    geo: Geometry
+    softplus: bool
+    dtypes: list  # the inputs' dtypes, for their gradients
+
+
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """(out, last_state, saved) of the scan; `scan_backward(saved, dout)` gives the gradients."""
+    batch, channels, length, _ = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    # gradients go back in each input's dtype; the kernel reads u's dtype throughout
+    dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
+    dtype = u.dtype
+    delta, B, C, z = (None if x is None else _token_major(x.to(dtype)) for x in (delta, B, C, z))
+    u = _token_major(u)
+    A32, D32, bias32 = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("the CUDA selective scan is not built here (see the warning above); use "
+                           "backend='auto', which falls back to the Triton scan")
+    geo = plan(batch, channels, length)
+    rows, f32 = batch * channels, dict(device=u.device, dtype=torch.float32)
+    inputs = _given(u=u, delta=delta, A=A32, B=B, C=C, D=D32, z=z, bias=bias32)
+    hseg, dtseg = torch.empty(rows, geo.n_seg, STATES, **f32), torch.empty(rows, geo.n_seg, **f32)
+    sup_h, sup_dt = torch.empty(rows, geo.n_sup, STATES, **f32), torch.empty(rows, geo.n_sup, **f32)
+    ext.run("fwd_summary", {**inputs, "hseg": hseg, "dtseg": dtseg, "sup_h": sup_h, "sup_dt": sup_dt},
+            _sizes(geo, delta_softplus))
+    carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
+    out = torch.empty(u.shape, device=u.device, dtype=dtype)
+    hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
+    ext.run("fwd_out", {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
+                        "out": out}, _sizes(geo, delta_softplus))
+    saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt), geo, delta_softplus, dtypes)
+    return out, carry[:, geo.n_sup].view(batch, channels, STATES), saved
+
+
+def _whole_rows(x, shape, dtype) -> bool:
+    """Whether the kernel can write a gradient of `shape` into x: rows of L tokens one after the other."""
+    return (x is not None and tuple(x.shape) == tuple(shape) and x.dtype == dtype and x.stride(2) == 1
+            and x.stride(1) == shape[2] and (shape[0] == 1 or x.stride(0) == shape[1] * shape[2]))
+
+
+def scan_backward(saved: Saved, dout, ddelta=None, dBC=None, dz=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of `scan_forward` at dout, None for
+    inputs not given. ddelta, dBC ((batch, 2 x 16, L): dB above dC) and dz may be buffers to write into
+    (slices of whole rows, e.g. of the mixer's fused gradient); where the kernel cannot write one
+    directly the values are copied into it."""
+    u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = saved.tensors
+    geo = saved.geo
+    rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
+    ext = extension()
+    inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
+                    dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
+    hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
+    wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
+    wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
+    ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup}, _sizes(geo, saved.softplus))
+    rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
+    same = dict(device=u.device, dtype=u.dtype)
+
+    def into(given, shape):  # given where the kernel can write it, else a new buffer copied into it after
+        return given if _whole_rows(given, shape, u.dtype) else torch.empty(shape, **same)
+
+    # dB | dC in one (batch, 32, L) buffer; several channel blocks add into it in float32
+    atomic = geo.n_cblk > 1
+    bc_shape = (geo.batch, 2 * STATES, geo.length)
+    dbc = torch.zeros(bc_shape, **f32) if atomic else into(dBC, bc_shape)
+    parts = geo.batch * geo.n_sup
+    grads = dict(du=torch.empty(u.shape, **same), ddelta=into(ddelta, u.shape),
+                 dz=None if z is None else into(dz, u.shape), dBC=dbc,
+                 dA_part=torch.empty(parts, geo.channels, STATES, **f32),
+                 dD_part=torch.empty(parts, geo.channels, **f32),
+                 dbias_part=torch.empty(parts, geo.channels, **f32))
+    ext.run("bwd_main", {**inputs, **_given(**grads), "wseg": wseg, "hck": hck, "rcarry": rcarry},
+            _sizes(geo, saved.softplus, atomic))
+    for given, made in ((ddelta, grads["ddelta"]), (dz, grads["dz"]), (dBC, dbc)):
+        if given is not None and made is not None and given is not made:
+            given.copy_(made)
+    u_t, delta_t, A_t, B_t, C_t, D_t, z_t, bias_t = saved.dtypes
+    return (grads["du"].to(u_t), grads["ddelta"].to(delta_t), grads["dA_part"].sum(0).to(A_t),
+            dbc[:, :STATES].to(B_t), dbc[:, STATES:].to(C_t),
+            None if D is None else grads["dD_part"].sum(0).to(D_t),
+            None if z is None else grads["dz"].to(z_t),
+            None if bias is None else grads["dbias_part"].sum(0).to(bias_t))
+
+
 class CudaSelectiveScan(torch.autograd.Function):
     """mamba_ssm.selective_scan_fn's semantics, sequence-parallel. The last state gets no gradient
     (as in mamba-ssm)."""
@@ -105,68 +195,16 @@ class CudaSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
-        batch, channels, length, _ = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-        # gradients go back in each input's dtype; the kernel reads u's dtype throughout
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
-        dtype = u.dtype
-        delta, B, C, z = (None if x is None else _token_major(x.to(dtype)) for x in (delta, B, C, z))
-        u = _token_major(u)
-        A32, D32, bias32 = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
-        ext = extension()
-        if ext is None:
-            raise RuntimeError("the CUDA selective scan is not built here (see the warning above); use "
-                               "backend='auto', which falls back to the Triton scan")
-        geo = plan(batch, channels, length)
-        rows, f32 = batch * channels, dict(device=u.device, dtype=torch.float32)
-        inputs = _given(u=u, delta=delta, A=A32, B=B, C=C, D=D32, z=z, bias=bias32)
-        hseg, dtseg = torch.empty(rows, geo.n_seg, STATES, **f32), torch.empty(rows, geo.n_seg, **f32)
-        sup_h, sup_dt = torch.empty(rows, geo.n_sup, STATES, **f32), torch.empty(rows, geo.n_sup, **f32)
-        ext.run("fwd_summary", {**inputs, "hseg": hseg, "dtseg": dtseg, "sup_h": sup_h, "sup_dt": sup_dt},
-                _sizes(geo, delta_softplus))
-        carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
-        out = torch.empty(u.shape, device=u.device, dtype=dtype)
-        hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
-        ext.run("fwd_out", {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
-                            "out": out}, _sizes(geo, delta_softplus))
-        ctx.save_for_backward(u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt)
-        ctx.geo, ctx.delta_softplus = geo, delta_softplus
-        return scan_outputs(ctx, out, carry[:, geo.n_sup].view(batch, channels, STATES), return_last_state)
+        out, last_state, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(*saved.tensors)
+        saved.tensors = None
+        ctx.saved = saved
+        return scan_outputs(ctx, out, last_state, return_last_state)
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = ctx.saved_tensors
-        geo: Geometry = ctx.geo
-        rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
-        ext = extension()
-        inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
-                        dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
-        hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
-        wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
-        wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
-        ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup},
-                _sizes(geo, ctx.delta_softplus))
-        rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
-        # dB | dC in one (batch, 32, L) buffer; several channel blocks add into it in float32
-        atomic = geo.n_cblk > 1
-        make = torch.zeros if atomic else torch.empty
-        dbc = make(geo.batch, 2 * STATES, geo.length, device=u.device,
-                   dtype=torch.float32 if atomic else u.dtype)
-        parts = geo.batch * geo.n_sup
-        grads = dict(du=torch.empty(u.shape, device=u.device, dtype=u.dtype),
-                     ddelta=torch.empty(u.shape, device=u.device, dtype=u.dtype),
-                     dz=None if z is None else torch.empty(u.shape, device=u.device, dtype=u.dtype),
-                     dBC=dbc,
-                     dA_part=torch.empty(parts, geo.channels, STATES, **f32),
-                     dD_part=torch.empty(parts, geo.channels, **f32),
-                     dbias_part=torch.empty(parts, geo.channels, **f32))
-        ext.run("bwd_main", {**inputs, **_given(**grads), "wseg": wseg, "hck": hck, "rcarry": rcarry},
-                _sizes(geo, ctx.delta_softplus, atomic))
-        u_t, delta_t, A_t, B_t, C_t, D_t, z_t, bias_t = ctx.dtypes
-        return (grads["du"].to(u_t), grads["ddelta"].to(delta_t), grads["dA_part"].sum(0).to(A_t),
-                dbc[:, :STATES].to(B_t), dbc[:, STATES:].to(C_t),
-                None if D is None else grads["dD_part"].sum(0).to(D_t),
-                None if z is None else grads["dz"].to(z_t),
-                None if bias is None else grads["dbias_part"].sum(0).to(bias_t), None, None)
+        ctx.saved.tensors = ctx.saved_tensors
+        return (*scan_backward(ctx.saved, dout), None, None)
 
 
 def supports(channels: int, state: int, dtype: torch.dtype) -> bool:

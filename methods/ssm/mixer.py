@@ -84,24 +84,44 @@ class _TwoBranchMamba(nn.Module):
     def _scan_branch(self, x, z, suffix, linear=None, dtype=None):
         """One Mamba branch on x, z: (batch, E, L) -> gated scan output (batch, E, L).
 
-        With `linear` (the Triton token-wise map, see `_channel_linear`) the projections run channel-
-        first in `dtype`, dt_proj folded into x_proj: delta = W_dt (W_x[:R] x) = (W_dt W_x[:R]) x,
-        so x is read once and the dt_rank-wide intermediate never leaves the kernel."""
+        With `linear` (the token-wise map, see `_channel_linear`) the projections run channel-first in
+        `dtype`, dt_proj folded into x_proj (`_folded_proj`)."""
         conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
-        dt_proj, A_log = getattr(self, "dt_proj" + suffix), getattr(self, f"A{suffix}_log")
+        dt_proj = getattr(self, "dt_proj" + suffix)
         x = causal_conv1d_silu(x, conv.weight, conv.bias)
         if linear is None:
             dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
             B, C = B.transpose(1, 2), C.transpose(1, 2)
         else:
-            rank = self.dt_rank
-            w = torch.cat((dt_proj.weight @ x_proj.weight[:rank], x_proj.weight[rank:]))
-            delta, B, C = linear(x, w.to(dtype)).split([self.d_inner, self.d_state, self.d_state], dim=1)
-        A = -torch.exp(_fp32_or_wider(A_log))
-        return selective_scan(x, delta, A, B, C, _fp32_or_wider(getattr(self, "D" + suffix)), z=z,
-                              delta_bias=_fp32_or_wider(dt_proj.bias), delta_softplus=True,
+            delta, B, C = linear(x, self._folded_proj(suffix, dtype)).split(
+                [self.d_inner, self.d_state, self.d_state], dim=1)
+        A, D, delta_bias = self._scan_params(suffix)
+        return selective_scan(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
                               backend=self.backend)
+
+    def _folded_proj(self, suffix, dtype):
+        """x_proj with dt_proj folded in, in dtype: delta = W_dt (W_x[:R] x) = (W_dt W_x[:R]) x, so x is
+        read once and the dt_rank-wide intermediate never leaves the kernel."""
+        x_proj, dt_proj, rank = getattr(self, "x_proj" + suffix), getattr(self, "dt_proj" + suffix), self.dt_rank
+        return torch.cat((dt_proj.weight @ x_proj.weight[:rank], x_proj.weight[rank:])).to(dtype)
+
+    def _scan_params(self, suffix):
+        """A = -exp(A_log), D and the dt bias of a branch, as the scan takes them."""
+        A = -torch.exp(_fp32_or_wider(getattr(self, f"A{suffix}_log")))
+        return (A, _fp32_or_wider(getattr(self, "D" + suffix)),
+                _fp32_or_wider(getattr(self, "dt_proj" + suffix).bias))
+
+    def _channel_first_branch(self, xz, suffix, linear, dtype):
+        """`_scan_branch` on in_proj's channel-first output xz = [x | z], as one autograd node
+        (methods/ssm/fused_branch.py) where the CUDA scan runs it."""
+        conv = getattr(self, "conv1d" + suffix)
+        needs_grad = torch.is_grad_enabled() and (xz.requires_grad or conv.weight.requires_grad)
+        if not backends_gpu.fused_branch_supports(xz, self.d_state, self.d_conv, needs_grad, self.backend):
+            return self._scan_branch(*xz.split(self.d_inner, dim=1), suffix, linear, dtype)
+        from methods.ssm.fused_branch import fused_branch  # imports triton: only when used
+
+        return fused_branch(xz, conv.weight, conv.bias, self._folded_proj(suffix, dtype), *self._scan_params(suffix))
 
     def _channel_linear(self, hidden):
         """The Triton token-wise linear map where every projection of this mixer fits it on hidden's
@@ -147,13 +167,10 @@ class BiMambaMixer(_TwoBranchMamba):
         dtype = _matmul_dtype(hidden)
         h = hidden.transpose(1, 2).to(dtype)
         w_in, w_out = self.in_proj.weight.to(dtype), self.out_proj.weight.to(dtype)
-        inner = self.d_inner
-        x, z = linear(h, w_in).split(inner, dim=1)
-        y = self._scan_branch(x, z, "", linear, dtype)
+        y = self._channel_first_branch(linear(h, w_in), "", linear, dtype)
         if not self.bidirectional:
             return linear(y, w_out, token_major_out=True).transpose(1, 2)
-        x_b, z_b = linear(h, w_in, reverse=True).split(inner, dim=1)
-        y_b = self._scan_branch(x_b, z_b, "_b", linear, dtype)
+        y_b = self._channel_first_branch(linear(h, w_in, reverse=True), "_b", linear, dtype)
         half = w_out / 2  # out_proj((y + flip(y_b)) / 2) as two maps: the flip is a read order
         out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
         return out.transpose(1, 2)

@@ -14,6 +14,8 @@ whole sectors.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -124,44 +126,57 @@ def _grid(batch, channels, length):
     return (triton.cdiv(length, block_t), triton.cdiv(channels, block_e), batch), block_e, block_t
 
 
-class TritonCausalConv1dSilu(torch.autograd.Function):
+def conv_forward(x, weight, bias=None):
+    """silu(causal depthwise conv1d(x) + bias) as contiguous (batch, E, L) in x's dtype (no autograd)."""
+    batch, channels, length = x.shape
+    w = weight.reshape(channels, -1).contiguous()
+    y = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+    grid, block_e, block_t = _grid(batch, channels, length)
+    _conv_fwd_kernel[grid](x, w, bias if bias is not None else w, y, channels, length, *x.stride(),
+                           HAS_BIAS=bias is not None, W=w.shape[1], BE=block_e, BT=block_t,
+                           num_warps=NUM_WARPS)
+    return y
+
+
+def conv_backward(x, weight, bias, dy):
+    """(dx, dweight, dbias) of `conv_forward` for the gradient dy at its output; dx contiguous."""
+    batch, channels, length = x.shape
+    w = weight.reshape(channels, -1).contiguous()
+    width = w.shape[1]
+    grid, block_e, block_t = _grid(batch, channels, length)
+    parts = grid[0] * batch
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dw_part = torch.empty(parts, channels, width, **f32)
+    db_part = torch.empty(parts, channels, **f32)
+    dx = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+    _conv_bwd_kernel[grid](x, w, bias if bias is not None else w, dy, dx, dw_part, db_part, channels,
+                           length, *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, W=width,
+                           BE=block_e, BT=block_t, num_warps=NUM_WARPS)
+    dw = dw_part.sum(0).reshape(weight.shape).to(weight.dtype)
+    return dx, dw, db_part.sum(0).to(bias.dtype) if bias is not None else None
+
+
+class CausalConv1dSilu(torch.autograd.Function):
+    """Autograd over a pair of kernels: `kernels` is a module with conv_forward / conv_backward (this
+    one, or methods/ssm/cuda_channel.py)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        batch, channels, length = x.shape
-        w = weight.reshape(channels, -1).contiguous()
-        width = w.shape[1]
-        y = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
-        grid, block_e, block_t = _grid(batch, channels, length)
-        _conv_fwd_kernel[grid](x, w, bias if bias is not None else w, y, channels, length, *x.stride(),
-                               HAS_BIAS=bias is not None, W=width, BE=block_e, BT=block_t,
-                               num_warps=NUM_WARPS)
-        ctx.save_for_backward(x, w, bias)
-        ctx.weight_shape = weight.shape
-        return y
+    def forward(ctx, x, weight, bias, kernels):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.kernels = kernels
+        return kernels.conv_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, bias = ctx.saved_tensors
-        batch, channels, length = x.shape
-        width = w.shape[1]
-        grid, block_e, block_t = _grid(batch, channels, length)
-        parts = grid[0] * batch
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dw_part = torch.empty(parts, channels, width, **f32)
-        db_part = torch.empty(parts, channels, **f32)
-        dx = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
-        _conv_bwd_kernel[grid](x, w, bias if bias is not None else w, dy, dx, dw_part, db_part, channels,
-                               length, *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, W=width,
-                               BE=block_e, BT=block_t, num_warps=NUM_WARPS)
-        dw = dw_part.sum(0).reshape(ctx.weight_shape).to(w.dtype)
-        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw, db
+        x, weight, bias = ctx.saved_tensors
+        return (*ctx.kernels.conv_backward(x, weight, bias, dy), None)
 
 
-def causal_conv1d_silu_triton(x, weight, bias=None):
+def causal_conv1d_silu_triton(x, weight, bias=None, kernels=None):
     """silu(causal depthwise conv1d(x) + bias): x (batch, E, L) CUDA, any strides; weight (E, 1, width)
-    as nn.Conv1d's or (E, width); bias (E,) or None. Returns x's dtype, contiguous (batch, E, L)."""
+    as nn.Conv1d's or (E, width); bias (E,) or None. Returns x's dtype, contiguous (batch, E, L).
+    kernels: the module whose conv_forward / conv_backward run it (default: this one's Triton kernels)."""
     if x.dim() != 3 or weight.numel() % x.shape[1]:
         raise ValueError(f"causal conv1d: x must be (batch, channels, L) and weight (channels, 1, width), "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
-    return TritonCausalConv1dSilu.apply(x, weight, bias)
+    return CausalConv1dSilu.apply(x, weight, bias, kernels or sys.modules[__name__])

@@ -15,6 +15,8 @@ as its transposed view and a channel-first result can be written into (batch, L,
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -115,54 +117,68 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def linear_forward(x, w, reverse: bool, token_major_out: bool):
+    """y = w x token by token (the kernel behind `channel_linear`, without autograd)."""
+    batch, k_in, length = x.shape
+    n_out = w.shape[0]
+    if token_major_out:
+        y = x.new_empty(batch, length, n_out).transpose(1, 2)
+    else:
+        y = x.new_empty(batch, n_out, length)
+    block_k, block_n = _block(k_in), min(FWD_BLOCK_N, _block(n_out))
+    block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
+    grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)
+    _fwd_kernel[grid](x, w, y, k_in, n_out, length, *x.stride(), *y.stride(), REVERSE=reverse,
+                      PRECISION=_precision(x.dtype), UPCAST=triton_interpreting(), BK=block_k,
+                      BN=block_n, BL=block_l)
+    return y
+
+
+def linear_backward(x, w, dy, reverse: bool):
+    """(dx, dw) of `linear_forward` for the gradient dy: dx contiguous (batch, K, L), dw in w's dtype."""
+    batch, k_in, length = x.shape
+    n_out = w.shape[0]
+    block_k, block_n = _block(k_in), _block(n_out)
+    block_l = max(16, min(BWD_MAX_L, TILE // max(block_k, block_n)))
+    programs = max(1, min(triton.cdiv(length, block_l), PARTIALS // batch))
+    span = triton.cdiv(triton.cdiv(length, programs), block_l) * block_l
+    programs = triton.cdiv(length, span)
+    dx = torch.empty(batch, k_in, length, device=x.device, dtype=x.dtype)
+    dw_part = torch.empty(batch * programs, n_out, k_in, device=x.device, dtype=torch.float32)
+    _bwd_kernel[(programs, batch)](x, w, dy, dx, dw_part, k_in, n_out, length, span, *x.stride(),
+                                   *dy.stride(), REVERSE=reverse, PRECISION=_precision(x.dtype),
+                                   UPCAST=triton_interpreting(), BK=block_k, BN=block_n, BL=block_l)
+    return dx, dw_part.sum(0).to(w.dtype)
+
+
 class ChannelLinear(torch.autograd.Function):
+    """Autograd over a pair of kernels: `kernels` is a module with linear_forward / linear_backward
+    (this one, or methods/ssm/cuda_channel.py)."""
+
     @staticmethod
-    def forward(ctx, x, weight, reverse, token_major_out):
-        batch, k_in, length = x.shape
-        n_out = weight.shape[0]
+    def forward(ctx, x, weight, reverse, token_major_out, kernels):
         w = weight.contiguous()
-        if token_major_out:
-            y = x.new_empty(batch, length, n_out).transpose(1, 2)
-        else:
-            y = x.new_empty(batch, n_out, length)
-        block_k, block_n = _block(k_in), min(FWD_BLOCK_N, _block(n_out))
-        block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
-        grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)
-        _fwd_kernel[grid](x, w, y, k_in, n_out, length, *x.stride(), *y.stride(), REVERSE=reverse,
-                          PRECISION=_precision(x.dtype), UPCAST=triton_interpreting(), BK=block_k,
-                          BN=block_n, BL=block_l)
         ctx.save_for_backward(x, w)
-        ctx.reverse = reverse
-        return y
+        ctx.reverse, ctx.kernels = reverse, kernels
+        return kernels.linear_forward(x, w, reverse, token_major_out)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        batch, k_in, length = x.shape
-        n_out = w.shape[0]
-        block_k, block_n = _block(k_in), _block(n_out)
-        block_l = max(16, min(BWD_MAX_L, TILE // max(block_k, block_n)))
-        programs = max(1, min(triton.cdiv(length, block_l), PARTIALS // batch))
-        span = triton.cdiv(triton.cdiv(length, programs), block_l) * block_l
-        programs = triton.cdiv(length, span)
-        dx = torch.empty(batch, k_in, length, device=x.device, dtype=x.dtype)
-        dw_part = torch.empty(batch * programs, n_out, k_in, device=x.device, dtype=torch.float32)
-        _bwd_kernel[(programs, batch)](x, w, dy, dx, dw_part, k_in, n_out, length, span, *x.stride(),
-                                       *dy.stride(), REVERSE=ctx.reverse, PRECISION=_precision(x.dtype),
-                                       UPCAST=triton_interpreting(), BK=block_k, BN=block_n, BL=block_l)
-        return dx, dw_part.sum(0).to(w.dtype), None, None
+        return (*ctx.kernels.linear_backward(x, w, dy, ctx.reverse), None, None, None)
 
 
 def supports(in_features: int, out_features: int) -> bool:
     return in_features <= MAX_IN and out_features <= MAX_OUT
 
 
-def channel_linear(x, weight, reverse: bool = False, token_major_out: bool = False):
+def channel_linear(x, weight, reverse: bool = False, token_major_out: bool = False, kernels=None):
     """y[:, :, t] = weight @ x[:, :, t'] with t' = t, or L - 1 - t with `reverse`.
 
     x: (batch, K, L) in any strides, float32 / bfloat16 / float16; weight: (N, K) of x's dtype (cast it
     first under autocast). Returns (batch, N, L) in x's dtype, stored channel-first, or as (batch, L, N)
-    memory with `token_major_out`. K <= 128, N <= 256."""
+    memory with `token_major_out`. K <= 128, N <= 256. kernels: the module whose linear_forward /
+    linear_backward run it (default: this one's Triton kernels)."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"channel_linear: x must be (batch, K, L) and weight (N, K), got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
@@ -172,4 +188,4 @@ def channel_linear(x, weight, reverse: bool = False, token_major_out: bool = Fal
     if not supports(weight.shape[1], weight.shape[0]):
         raise ValueError(f"channel_linear: at most {MAX_IN} inputs and {MAX_OUT} outputs, got weight "
                          f"{tuple(weight.shape)}; use a matmul")
-    return ChannelLinear.apply(x, weight, bool(reverse), bool(token_major_out))
+    return ChannelLinear.apply(x, weight, bool(reverse), bool(token_major_out), kernels or sys.modules[__name__])

@@ -38,16 +38,16 @@
 #include <map>
 #include <string>
 
+#include "vec8.cuh"
+
 namespace {
 
 constexpr int kStates = 16;                       // d_state
 constexpr int kHalf = 8;                          // states per lane
-constexpr int kChunk = 8;                         // tokens per vector load (16 bytes of bf16)
 constexpr int kPair = 2 * kChunk;                 // dB | dC are written 16 tokens (32 bytes of bf16) at a time
 constexpr int kThreads = 128;
 constexpr int kStageRow = kChunk * 2 * kStates + 16;  // a segment's [token][B | C] tile, +16 spreads banks
 constexpr int kRedRow = 2 * kStates + 4;              // a channel's dB | dC terms of one token, +4 pad
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
   const void *u, *delta, *z, *dout, *B, *C;
@@ -62,27 +62,6 @@ struct Params {
   float *dA_part, *dD_part, *dbias_part;
 };
 
-// The MUFU approximations with denormals flushed to zero (.ftz): without it every call also scales its
-// argument in and out of the denormal range, a few instructions each, for values under 1e-38
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float lg2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float rcp(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * kLog2e)); }
 
 // log1p(exp(x)) with Goldberg's correction where exp(x) is tiny; identity above 20 (as mamba-ssm).
 // Both sides are computed and one is selected: a branch here diverges inside a warp.
@@ -92,82 +71,6 @@ __device__ __forceinline__ float softplus(float x) {
   const float sp = lg2(one_plus) * (ex * rcp(one_plus - 1.f)) * 0.6931471805599453f;
   return x > 20.f ? x : (one_plus == 1.f ? ex : sp);
 }
-
-// ---- 8 tokens of one row ------------------------------------------------------------------------------
-// Loads are issued one chunk ahead (fetch into raw registers, unpack when the chunk is processed): a
-// lane walks its segment serially, so without that every chunk would wait out a global load.
-
-template <typename T>
-struct Raw8 {
-  uint4 v[sizeof(T) / 2];  // 8 tokens: 16 bytes of bf16, 32 of float
-};
-
-// A chunk's tokens inside the sequence: n of the 8 from t0 (n <= 0 past the end)
-__device__ __forceinline__ int inside(int64_t t0, int64_t L) { return int(min(int64_t(kChunk), L - t0)); }
-
-__device__ __forceinline__ bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; }
-
-// 8 tokens from q, of which the first n are inside the sequence (the rest read as zero); vec: all 8 are
-// and q is 16-byte aligned, so one vector access does
-template <typename T>
-__device__ __forceinline__ Raw8<T> fetch8(const T* q, int n, bool vec) {
-  Raw8<T> r;
-  if (vec) {
-#pragma unroll
-    for (int w = 0; w < int(sizeof(T) / 2); ++w) r.v[w] = reinterpret_cast<const uint4*>(q)[w];
-  } else {
-#pragma unroll
-    for (int w = 0; w < int(sizeof(T) / 2); ++w) r.v[w] = make_uint4(0, 0, 0, 0);
-    T* e = reinterpret_cast<T*>(r.v);
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t)
-      if (t < n) e[t] = q[t];
-  }
-  return r;
-}
-
-__device__ __forceinline__ void unpack8(const Raw8<float>& r, float v[kChunk]) {
-  const float* f = reinterpret_cast<const float*>(r.v);
-#pragma unroll
-  for (int t = 0; t < kChunk; ++t) v[t] = f[t];
-}
-
-__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16>& r, float v[kChunk]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(r.v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-
-// the first n of 8 tokens to q (n <= 0: none)
-__device__ __forceinline__ void store8(float* q, int n, const float v[kChunk]) {
-  if (n == kChunk && aligned16(q)) {
-    *reinterpret_cast<float4*>(q) = make_float4(v[0], v[1], v[2], v[3]);
-    *reinterpret_cast<float4*>(q + 4) = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t)
-      if (t < n) q[t] = v[t];
-  }
-}
-
-__device__ __forceinline__ void store8(__nv_bfloat16* q, int n, const float v[kChunk]) {
-  if (n == kChunk && aligned16(q)) {
-    uint4 r;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    *reinterpret_cast<uint4*>(q) = r;
-  } else {
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t)
-      if (t < n) q[t] = __float2bfloat16(v[t]);
-  }
-}
-
 
 // ---- where a lane sits ------------------------------------------------------------------------------
 
@@ -789,7 +692,8 @@ void launch_group(int group, const std::string& kernel, const Params& p, dim3 gr
 
 }  // namespace
 
-// One entry point for the four kernels: tensors and sizes by name (methods/ssm/cuda_scan.py builds them).
+// One entry point for the four kernels: tensors and sizes by name (methods/ssm/cuda_scan.py builds them;
+// csrc/bindings.cpp exposes it).
 void run(const std::string& kernel, const Tensors& t, const std::map<std::string, int64_t>& n) {
   const at::Tensor& u = t.at("u");
   const c10::cuda::CUDAGuard guard(u.device());
@@ -831,7 +735,12 @@ void run(const std::string& kernel, const Tensors& t, const std::map<std::string
   for (auto [key, slot] : {std::pair<const char*, void**>{"out", &p.out}, {"du", &p.du}, {"ddelta", &p.ddelta},
                            {"dz", &p.dz}, {"dBC", &p.dBC}}) {
     const at::Tensor* x = find(t, key);
-    *slot = x ? x->data_ptr() : nullptr;
+    if (!x) continue;
+    // rows of L tokens, one after the other: contiguous, or a slice of channels of one batch element
+    // (the mixer's fused branch writes its gradients into slices of one buffer)
+    TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == p.L && (x->size(0) == 1 || x->stride(0) == x->size(1) * p.L),
+                key, " must be contiguous, or for batch 1 a slice of whole rows");
+    *slot = x->data_ptr();
   }
   const int group = int(n.at("group"));
   const dim3 grid(p.n_sup, int((p.E + group / 2 - 1) / (group / 2)), int(u.size(0)));
@@ -840,8 +749,4 @@ void run(const std::string& kernel, const Tensors& t, const std::map<std::string
   else if (u.scalar_type() == at::kBFloat16) launch_group<__nv_bfloat16>(group, kernel, p, grid, stream);
   else TORCH_CHECK(false, "the CUDA scan runs float32 and bfloat16, got ", u.scalar_type());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("run", &run, "run one pass of the sequence-parallel selective scan");
 }

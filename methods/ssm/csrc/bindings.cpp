@@ -1,0 +1,28 @@
+// The Python module of the CUDA kernels in this folder (built by methods/ssm/cuda_scan.py `extension`).
+#include <torch/extension.h>
+
+#include <map>
+#include <optional>
+#include <string>
+
+// scan_sp.cu
+void run(const std::string& kernel, const std::map<std::string, at::Tensor>& t, const std::map<std::string, int64_t>& n);
+// channel_ops.cu
+void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y);
+void conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& dy,
+              const std::optional<at::Tensor>& dy2, at::Tensor& dx, at::Tensor& dw_part, at::Tensor& db_part);
+bool linear_supports(int64_t K, int64_t N);
+int64_t linear_blocks(int64_t L);
+void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse);
+void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, at::Tensor& dx, at::Tensor& dw_part,
+                bool reverse);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run, "run one pass of the sequence-parallel selective scan");
+  m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU");
+  m.def("conv_bwd", &conv_bwd, "its backward (gradient dy + dy2)");
+  m.def("linear_supports", &linear_supports, "whether a K -> N linear map is compiled");
+  m.def("linear_blocks", &linear_blocks, "blocks per batch element of the linear maps' backward");
+  m.def("linear_fwd", &linear_fwd, "token-wise linear map");
+  m.def("linear_bwd", &linear_bwd, "its backward: dx and per-block dw sums");
+}

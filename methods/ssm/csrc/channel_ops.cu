@@ -1,0 +1,424 @@
+// Token-wise ops of a Mamba mixer over few channels and long sequences, in CUDA: the short causal
+// convolution with SiLU, and the linear maps with at most 72 weights (in_proj and out_proj of the
+// narrowest Pixel-Mamba layer). Reference implementations beside them: methods/ssm/triton_conv.py and
+// methods/ssm/triton_linear.py (and F.conv1d / F.linear on the CPU).
+//
+// Why not the Triton kernels: their tiles pad 3-12 channels to 16 (tl.dot's smallest side) or 6 to 8,
+// and a tile of tokens cannot pass its neighbour the convolution's window, so at 6 channels x 16.8 M
+// tokens on an H200 the convolution's backward took 1.12 ms and in_proj's 1.0 ms where their bytes
+// need 0.15 (docs/gpu_notes.md, session 8). Here a thread owns whole tokens of every channel (linear
+// maps) or 8 consecutive tokens of one row (convolution), so nothing is padded and every op is
+// bound by memory.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "vec8.cuh"
+
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Sum of v over the block (every thread passes its value; thread 0 gets the total). Needs blockDim.x
+// a multiple of 32, at most 1024.
+template <int M>
+__device__ void block_sum(float (&v)[M], float* out) {
+  __shared__ float warp_sums[32][M];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v[m] += __shfl_xor_sync(0xffffffffu, v[m], o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0)
+#pragma unroll
+    for (int m = 0; m < M; ++m) warp_sums[warp][m] = v[m];
+  __syncthreads();
+  for (int m = threadIdx.x; m < M; m += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) s += warp_sums[w][m];
+    out[m] = s;
+  }
+}
+
+// ---- causal depthwise convolution + SiLU ---------------------------------------------------------------
+// y[t] = silu(bias + sum_k w[k] x[t - (W - 1) + k]), x zero before token 0. A thread owns 8 tokens of
+// one row; the W - 1 tokens of x before them (and, in the backward, of the gradient after them) are
+// loaded again by the neighbouring thread: they come from L1.
+
+constexpr int kConvThreads = 128;
+
+struct ConvParams {
+  const void *x, *dy, *dy2;
+  const float *w, *bias;
+  void *y, *dx;
+  float *dw_part, *db_part;  // (token blocks, batch x E, W) and (token blocks, batch x E)
+  int64_t L, x_b, x_e, g_b, g_e, g2_b, g2_e, dx_b, dx_e;
+  int E;
+};
+
+template <typename T>
+__device__ __forceinline__ float load_or_zero(const T* row, int64_t t, int64_t L) {
+  return t >= 0 && t < L ? to_f(row[t]) : 0.f;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* row, int64_t t0, int64_t L, float v[kChunk]) {
+  const int n = inside(t0, L);
+  unpack8(fetch8(row + t0, n, n == kChunk && aligned16(row + t0)), v);
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(ConvParams p) {
+  const int b = blockIdx.y / p.E, e = blockIdx.y % p.E;
+  const int64_t t0 = (int64_t(blockIdx.x) * kConvThreads + threadIdx.x) * kChunk;
+  if (t0 >= p.L) return;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_b + e * p.x_e;
+  float w[W], xv[kChunk + W - 1];  // xv: x at t0 - (W - 1) ..
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.w[e * W + k];
+  const float bias = p.bias ? p.bias[e] : 0.f;
+#pragma unroll
+  for (int i = 0; i < W - 1; ++i) xv[i] = load_or_zero(x, t0 - (W - 1) + i, p.L);
+  load8(x, t0, p.L, xv + W - 1);
+  float y[kChunk];
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) {
+    float pre = bias;
+#pragma unroll
+    for (int k = 0; k < W; ++k) pre = fmaf(w[k], xv[t + k], pre);
+    y[t] = pre * sigmoid(pre);
+  }
+  store8(static_cast<T*>(p.y) + int64_t(blockIdx.y) * p.L + t0, inside(t0, p.L), y);
+}
+
+// dx[t] = sum_j w[W - 1 - j] dpre[t + j], dpre = (dy + dy2) silu'(pre); the pre-activations of the
+// W - 1 tokens after the thread's 8 are computed again (cheaper than passing them between threads).
+// Each block sums dw and dbias over its tokens into its slot of dw_part / db_part.
+template <typename T, int W>
+__global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(ConvParams p) {
+  constexpr int kOut = kChunk + W - 1;  // tokens whose dpre the thread needs
+  const int b = blockIdx.y / p.E, e = blockIdx.y % p.E;
+  const int64_t t0 = (int64_t(blockIdx.x) * kConvThreads + threadIdx.x) * kChunk;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.w[e * W + k];
+  const float bias = p.bias ? p.bias[e] : 0.f;
+  float sums[W + 1] = {};  // dw[0..W), dbias
+  if (t0 < p.L) {
+    const T* x = static_cast<const T*>(p.x) + b * p.x_b + e * p.x_e;
+    const T* g = static_cast<const T*>(p.dy) + b * p.g_b + e * p.g_e;
+    float xv[kOut + W - 1], dpre[kOut];  // xv: x at t0 - (W - 1) ..; dpre at t0 ..
+#pragma unroll
+    for (int i = 0; i < W - 1; ++i) xv[i] = load_or_zero(x, t0 - (W - 1) + i, p.L);
+    load8(x, t0, p.L, xv + W - 1);
+#pragma unroll
+    for (int i = 0; i < W - 1; ++i) xv[W - 1 + kChunk + i] = load_or_zero(x, t0 + kChunk + i, p.L);
+    load8(g, t0, p.L, dpre);
+#pragma unroll
+    for (int i = 0; i < W - 1; ++i) dpre[kChunk + i] = load_or_zero(g, t0 + kChunk + i, p.L);
+    if (p.dy2) {
+      const T* g2 = static_cast<const T*>(p.dy2) + b * p.g2_b + e * p.g2_e;
+      float v[kChunk];
+      load8(g2, t0, p.L, v);
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) dpre[t] += v[t];
+#pragma unroll
+      for (int i = 0; i < W - 1; ++i) dpre[kChunk + i] += load_or_zero(g2, t0 + kChunk + i, p.L);
+    }
+#pragma unroll
+    for (int t = 0; t < kOut; ++t) {  // zero past the end: the gradient is loaded as zero there
+      float pre = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) pre = fmaf(w[k], xv[t + k], pre);
+      const float s = sigmoid(pre);
+      dpre[t] *= s * fmaf(pre, 1.f - s, 1.f);
+    }
+    float dx[kChunk];
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc = fmaf(w[W - 1 - j], dpre[t + j], acc);
+      dx[t] = acc;
+#pragma unroll
+      for (int k = 0; k < W; ++k) sums[k] = fmaf(dpre[t], xv[t + k], sums[k]);
+      sums[W] += dpre[t];
+    }
+    store8(static_cast<T*>(p.dx) + b * p.dx_b + e * p.dx_e + t0, inside(t0, p.L), dx);
+  }
+  __shared__ float total[W + 1];
+  block_sum<W + 1>(sums, total);
+  __syncthreads();
+  if (threadIdx.x < W) p.dw_part[(int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * W + threadIdx.x] = total[threadIdx.x];
+  if (threadIdx.x == W) p.db_part[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = total[W];
+}
+
+// ---- linear maps with few weights ---------------------------------------------------------------------
+// y[b, n, t] = sum_k w[n, k] x[b, k, src(t)], src(t) = t or L - 1 - t (Vision Mamba's flipped branch
+// reads its input backwards and writes its output backwards at no cost). Any strides: x, y, dy and dx
+// may be channel-first or token-major. A thread takes one token at a time; all K x N weights and, in
+// the backward, the K x N sums of dw are in its registers.
+
+constexpr int kLinThreads = 256;
+
+struct LinParams {
+  const void *x, *dy;
+  const float* w;  // (N, K)
+  void *y, *dx;
+  float* dw_part;  // (blocks, N, K)
+  int64_t L, x_b, x_k, x_t, y_b, y_n, y_t, dx_b, dx_k, dx_t;
+  bool reverse;
+};
+
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
+  float w[N][K];
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int k = 0; k < K; ++k) w[n][k] = p.w[n * K + k];
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
+  for (int64_t t = int64_t(blockIdx.x) * kLinThreads + threadIdx.x; t < p.L; t += int64_t(gridDim.x) * kLinThreads) {
+    const int64_t src = p.reverse ? p.L - 1 - t : t;
+    float xv[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) xv[k] = to_f(x[k * p.x_k + src * p.x_t]);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc = fmaf(w[n][k], xv[k], acc);
+      y[n * p.y_n + t * p.y_t] = from_f<T>(acc);
+    }
+  }
+}
+
+// dx[b, k, src(t)] = sum_n w[n, k] dy[b, n, t]; dw[n, k] = sum_t dy[b, n, t] x[b, k, src(t)], summed per
+// block into dw_part[batch x blockIdx.x]
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
+  float w[N][K], dw[N * K] = {};
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int k = 0; k < K; ++k) w[n][k] = p.w[n * K + k];
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
+  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
+  for (int64_t t = int64_t(blockIdx.x) * kLinThreads + threadIdx.x; t < p.L; t += int64_t(gridDim.x) * kLinThreads) {
+    const int64_t src = p.reverse ? p.L - 1 - t : t;
+    float xv[K], gv[N];
+#pragma unroll
+    for (int k = 0; k < K; ++k) xv[k] = to_f(x[k * p.x_k + src * p.x_t]);
+#pragma unroll
+    for (int n = 0; n < N; ++n) gv[n] = to_f(g[n * p.y_n + t * p.y_t]);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float acc = 0.f;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        acc = fmaf(w[n][k], gv[n], acc);
+        dw[n * K + k] = fmaf(gv[n], xv[k], dw[n * K + k]);
+      }
+      dx[k * p.dx_k + src * p.dx_t] = from_f<T>(acc);
+    }
+  }
+  __shared__ float total[N * K];
+  block_sum<N * K>(dw, total);
+  __syncthreads();
+  const int64_t slot = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int i = threadIdx.x; i < N * K; i += kLinThreads) p.dw_part[slot * N * K + i] = total[i];
+}
+
+// ---- host -------------------------------------------------------------------------------------------
+
+cudaStream_t stream_of(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
+
+template <typename F>
+void by_dtype(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat) f(float{});
+  else if (x.scalar_type() == at::kBFloat16) f(__nv_bfloat16{});
+  else TORCH_CHECK(false, "the CUDA channel ops run float32 and bfloat16, got ", x.scalar_type());
+}
+
+template <typename F>
+void by_width(int W, F&& f) {
+  if (W == 2) f(std::integral_constant<int, 2>{});
+  else if (W == 3) f(std::integral_constant<int, 3>{});
+  else if (W == 4) f(std::integral_constant<int, 4>{});
+  else TORCH_CHECK(false, "the CUDA convolution is built for widths 2-4, got ", W);
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, name, " must be (batch, channels, L) with token stride 1");
+}
+
+ConvParams conv_params(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == x.size(1),
+              "w must be contiguous float32 (E, width)");
+  ConvParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr<float>();
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.L = x.size(2);
+  p.E = int(x.size(1));
+  p.x_b = x.stride(0);
+  p.x_e = x.stride(1);
+  return p;
+}
+
+dim3 conv_grid(const at::Tensor& x) {
+  const int64_t per_block = int64_t(kConvThreads) * kChunk;
+  return dim3(unsigned((x.size(2) + per_block - 1) / per_block), unsigned(x.size(0) * x.size(1)));
+}
+
+}  // namespace
+
+// y: contiguous (batch, E, L) of x's dtype
+void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvParams p = conv_params(x, w, bias);
+  TORCH_CHECK(y.is_contiguous() && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "bad y");
+  p.y = y.data_ptr();
+  by_dtype(x, [&](auto t) {
+    by_width(int(w.size(1)), [&](auto W) {
+      conv_fwd_kernel<decltype(t), decltype(W)::value><<<conv_grid(x), kConvThreads, 0, stream_of(x)>>>(p);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dx: (batch, E, L) of x's dtype with token stride 1; dw_part (token blocks, batch x E, W), db_part
+// (token blocks, batch x E) float32; the gradient at y is dy (+ dy2)
+void conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& dy,
+              const std::optional<at::Tensor>& dy2, at::Tensor& dx, at::Tensor& dw_part, at::Tensor& db_part) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvParams p = conv_params(x, w, bias);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dy, &dx}) {
+    check_rows(*t, "dy and dx");
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), "dy, dx must match x");
+  }
+  const dim3 grid = conv_grid(x);
+  TORCH_CHECK(dw_part.numel() == int64_t(grid.x) * grid.y * w.size(1) && db_part.numel() == int64_t(grid.x) * grid.y,
+              "bad dw_part / db_part");
+  p.dy = dy.data_ptr();
+  p.g_b = dy.stride(0);
+  p.g_e = dy.stride(1);
+  if (dy2) {
+    check_rows(*dy2, "dy2");
+    TORCH_CHECK(dy2->sizes() == x.sizes() && dy2->scalar_type() == x.scalar_type(), "dy2 must match x");
+    p.dy2 = dy2->data_ptr();
+    p.g2_b = dy2->stride(0);
+    p.g2_e = dy2->stride(1);
+  }
+  p.dx = dx.data_ptr();
+  p.dx_b = dx.stride(0);
+  p.dx_e = dx.stride(1);
+  p.dw_part = dw_part.data_ptr<float>();
+  p.db_part = db_part.data_ptr<float>();
+  by_dtype(x, [&](auto t) {
+    by_width(int(w.size(1)), [&](auto W) {
+      conv_bwd_kernel<decltype(t), decltype(W)::value><<<grid, kConvThreads, 0, stream_of(x)>>>(p);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+// The (K, N) shapes compiled: in_proj and out_proj of d_model 3, out_proj of d_model 6 (expand 2). Its
+// in_proj, 6 -> 24, would hold 288 floats of weights and sums per thread: it stays on Triton.
+template <typename F>
+bool by_shape(int K, int N, F&& f) {
+  auto is = [&](auto k, auto n) {
+    if (K != k.value || N != n.value) return false;
+    f(k, n);
+    return true;
+  };
+  using std::integral_constant;
+  return is(integral_constant<int, 3>{}, integral_constant<int, 12>{}) ||
+         is(integral_constant<int, 6>{}, integral_constant<int, 3>{}) ||
+         is(integral_constant<int, 12>{}, integral_constant<int, 6>{});
+}
+
+LinParams lin_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, bool reverse) {
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2), "x, y: (batch, *, L)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(1) && w.size(1) == x.size(1),
+              "w must be contiguous float32 (N, K)");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "x and y (dy) must share a dtype");
+  LinParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr<float>();
+  p.L = x.size(2);
+  p.x_b = x.stride(0);
+  p.x_k = x.stride(1);
+  p.x_t = x.stride(2);
+  p.y_b = y.stride(0);
+  p.y_n = y.stride(1);
+  p.y_t = y.stride(2);
+  p.reverse = reverse;
+  return p;
+}
+
+}  // namespace
+
+bool linear_supports(int64_t K, int64_t N) {
+  return by_shape(int(K), int(N), [](auto, auto) {});
+}
+
+// blocks along the tokens of each batch element (the caller sizes dw_part with it)
+int64_t linear_blocks(int64_t L) { return std::max<int64_t>(1, std::min<int64_t>((L + kLinThreads - 1) / kLinThreads, 1024)); }
+
+void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  LinParams p = lin_params(x, w, y, reverse);
+  p.y = y.data_ptr();
+  const dim3 grid(unsigned(linear_blocks(p.L)), unsigned(x.size(0)));
+  const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
+    by_dtype(x, [&](auto t) {
+      linear_fwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+    });
+  });
+  TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, at::Tensor& dx, at::Tensor& dw_part,
+                bool reverse) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  LinParams p = lin_params(x, w, dy, reverse);
+  TORCH_CHECK(dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(), "dx must match x");
+  p.dy = dy.data_ptr();
+  p.dx = dx.data_ptr();
+  p.dx_b = dx.stride(0);
+  p.dx_k = dx.stride(1);
+  p.dx_t = dx.stride(2);
+  p.dw_part = dw_part.data_ptr<float>();
+  const dim3 grid(unsigned(linear_blocks(p.L)), unsigned(x.size(0)));
+  TORCH_CHECK(dw_part.scalar_type() == at::kFloat && dw_part.numel() == int64_t(grid.x) * grid.y * w.numel(),
+              "bad dw_part");
+  const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
+    by_dtype(x, [&](auto t) {
+      linear_bwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+    });
+  });
+  TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}

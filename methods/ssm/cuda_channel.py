@@ -1,0 +1,116 @@
+"""The CUDA token-wise ops of the mixers (methods/ssm/csrc/channel_ops.cu, built into the CUDA scan's
+extension): the short causal convolution with SiLU, and the linear maps of the narrowest layers.
+
+Each has a plain forward / backward pair (what the mixer's fused branch, methods/ssm/fused_branch.py,
+calls) and an autograd wrapper. Where the extension is missing or a shape is not compiled, the Triton
+kernels (methods/ssm/triton_conv.py, methods/ssm/triton_linear.py) run instead: `channel_linear` and
+`causal_conv1d_silu` pick. Timings: docs/performance.md, session 8.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from methods.ssm import cuda_scan, triton_linear
+from methods.ssm.triton_conv import causal_conv1d_silu_triton
+
+CONV_WIDTHS = (2, 3, 4)
+DTYPES = (torch.float32, torch.bfloat16)
+CONV_TOKENS_PER_BLOCK = 128 * 8  # channel_ops.cu: kConvThreads x kChunk
+
+
+def _ext():
+    return cuda_scan.extension()
+
+
+def _tokens_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# convolution
+
+
+def conv_supports(x, weight) -> bool:
+    return (x.is_cuda and x.dtype in DTYPES and weight.shape[-1] in CONV_WIDTHS
+            and weight.numel() == x.shape[1] * weight.shape[-1] and _ext() is not None)
+
+
+def _conv_weights(weight, bias, channels):
+    return (weight.reshape(channels, -1).float().contiguous(),
+            None if bias is None else bias.float().contiguous())
+
+
+def conv_forward(x, weight, bias=None):
+    """silu(causal depthwise conv1d(x) + bias) as contiguous (batch, E, L) in x's dtype."""
+    x = _tokens_contiguous(x)
+    w, b = _conv_weights(weight, bias, x.shape[1])
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    _ext().conv_fwd(x, w, b, y)
+    return y
+
+
+def conv_backward(x, weight, bias, dy, dy2=None, dx=None):
+    """(dx, dweight, dbias) of `conv_forward` for the gradient dy (+ dy2) at its output; dx may be a
+    buffer to write into (token stride 1), e.g. a slice of the mixer's in_proj gradient."""
+    x, dy = _tokens_contiguous(x), _tokens_contiguous(dy)
+    dy2 = None if dy2 is None else _tokens_contiguous(dy2)
+    batch, channels, length = x.shape
+    w, b = _conv_weights(weight, bias, channels)
+    if dx is None:
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    blocks = -(-length // CONV_TOKENS_PER_BLOCK)
+    dw_part = torch.empty(blocks, batch, channels, w.shape[1], device=x.device, dtype=torch.float32)
+    db_part = torch.empty(blocks, batch, channels, device=x.device, dtype=torch.float32)
+    _ext().conv_bwd(x, w, b, dy, dy2, dx, dw_part, db_part)
+    dw = dw_part.sum((0, 1)).reshape(weight.shape).to(weight.dtype)
+    return dx, dw, None if bias is None else db_part.sum((0, 1)).to(bias.dtype)
+
+
+def causal_conv1d_silu(x, weight, bias=None):
+    """silu(causal depthwise conv1d(x) + bias) on CUDA: this kernel where it is compiled for the shape,
+    else the Triton one. x (batch, E, L), weight (E, 1, width) or (E, width), bias (E,) or None."""
+    return causal_conv1d_silu_triton(x, weight, bias, kernels=sys.modules[__name__] if conv_supports(x, weight) else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear maps
+
+
+def linear_supports(x, weight) -> bool:
+    """Whether the CUDA kernel is compiled for this (N, K) weight and x's dtype."""
+    ext = _ext() if x.is_cuda and x.dtype in DTYPES else None
+    return ext is not None and ext.linear_supports(weight.shape[1], weight.shape[0])
+
+
+def linear_forward(x, w, reverse: bool, token_major_out: bool):
+    """triton_linear.linear_forward's map, by the CUDA kernel where it is compiled for w's shape."""
+    if not linear_supports(x, w):
+        return triton_linear.linear_forward(x, w, reverse, token_major_out)
+    batch, _, length = x.shape
+    n_out = w.shape[0]
+    if token_major_out:
+        y = x.new_empty(batch, length, n_out).transpose(1, 2)
+    else:
+        y = x.new_empty(batch, n_out, length)
+    _ext().linear_fwd(x, w.float().contiguous(), y, reverse)
+    return y
+
+
+def linear_backward(x, w, dy, reverse: bool):
+    """(dx, dw) of `linear_forward`; dx in x's layout where x is dense."""
+    if not linear_supports(x, w):
+        return triton_linear.linear_backward(x, w, dy, reverse)
+    batch, _, length = x.shape
+    dx = torch.empty_like(x)
+    blocks = _ext().linear_blocks(length)
+    dw_part = torch.empty(batch * blocks, *w.shape, device=x.device, dtype=torch.float32)
+    _ext().linear_bwd(x, w.float().contiguous(), dy, dx, dw_part, reverse)
+    return dx, dw_part.sum(0).to(w.dtype)
+
+
+def channel_linear(x, weight, reverse: bool = False, token_major_out: bool = False):
+    """`triton_linear.channel_linear` (same arguments and checks), by the CUDA kernel where it is
+    compiled for the weight's shape."""
+    return triton_linear.channel_linear(x, weight, reverse, token_major_out, kernels=sys.modules[__name__])

@@ -1,0 +1,125 @@
+"""The CUDA token-wise ops (methods/ssm/cuda_channel.py) and the mixer's fused branch
+(methods/ssm/fused_branch.py) on the GPU: the convolution and the linear maps against float64
+references (the checks of test_triton_conv.py and test_triton_linear.py), the convolution's second
+gradient and strided gradient buffer, the scan writing its gradients into slices of one buffer, and the
+fused branch against the unfused one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_triton_conv import check_conv
+from tests.test_triton_linear import CASES as LINEAR_CASES, check_linear
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# the shapes the CUDA kernel is compiled for: in_proj 3 -> 12, out_proj 6 -> 3 and 12 -> 6
+CUDA_LINEAR_CASES = [(2, 12, 6, 1001, False, True, True, torch.float32, 1e-5),
+                     (1, 12, 6, 77, True, False, False, torch.bfloat16, 1e-2),
+                     (3, 3, 12, 4099, True, True, False, torch.bfloat16, 1e-2)]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def extension():
+    from methods.ssm import cuda_scan
+
+    assert cuda_scan.extension() is not None, "the CUDA extension did not build (see the warning)"
+
+
+def test_conv_matches_float64_conv1d():
+    from methods.ssm import cuda_channel
+
+    check_conv("cuda", cuda_channel.causal_conv1d_silu)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_conv_backward_adds_a_second_gradient_and_writes_into_a_slice(width):
+    """dx written into the x half of a (batch, 2E, L) buffer leaves the other half alone; widths 2-4;
+    a length that is no multiple of a thread's 8 tokens or a block's 1024."""
+    from methods.ssm import cuda_channel
+
+    gen = torch.Generator().manual_seed(width)
+    batch, channels, length = 2, 5, 2061
+    xz = torch.randn(batch, 2 * channels, length, generator=gen, dtype=torch.float64)
+    w = torch.randn(channels, 1, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(channels, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy, dy2 = (torch.randn(batch, channels, length, generator=gen, dtype=torch.float64) for _ in range(2))
+    x = xz[:, :channels].clone().requires_grad_(True)
+    ref = F.silu(F.conv1d(F.pad(x, (width - 1, 0)), w, b, groups=channels))
+    want = torch.autograd.grad(ref, [x, w, b], dy + dy2)
+
+    gpu = xz.float().cuda()
+    buffer = torch.full_like(gpu, 7.0)
+    y = cuda_channel.conv_forward(gpu[:, :channels], w.detach().float().cuda(), b.detach().float().cuda())
+    dx, dw, db = cuda_channel.conv_backward(gpu[:, :channels], w.detach().float().cuda(), b.detach().float().cuda(),
+                                            dy.float().cuda(), dy2.float().cuda(), dx=buffer[:, :channels])
+    assert dx.data_ptr() == buffer.data_ptr() and (buffer[:, channels:] == 7.0).all()
+    for name, got, ref_value in (("y", y, ref), ("dx", dx, want[0]), ("dw", dw, want[1]), ("db", db, want[2])):
+        assert rel_err(got, ref_value) < 1e-5, name
+
+
+def test_linear_matches_float64_matmuls():
+    from methods.ssm import cuda_channel
+
+    check_linear("cuda", cuda_channel.channel_linear, LINEAR_CASES + CUDA_LINEAR_CASES)
+    assert cuda_channel.linear_supports(torch.zeros(1, 3, 8, device="cuda"), torch.zeros(12, 3))
+    assert not cuda_channel.linear_supports(torch.zeros(1, 6, 8, device="cuda"), torch.zeros(38, 6))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_scan_writes_its_gradients_into_slices(batch):
+    """ddelta, dB | dC and dz into slices of two buffers (whole rows at batch 1, through copies at 2)
+    equal the gradients the scan returns on its own, bit for bit."""
+    from methods.ssm import cuda_scan
+
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    channels, length = 6, 5003
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)  # noqa: E731
+    u, delta, z = r(batch, channels, length), r(batch, channels, length), r(batch, channels, length)
+    B, C = r(batch, 16, length), r(batch, 16, length)
+    A = -torch.rand(channels, 16, device="cuda", generator=gen) * 4
+    D, bias = torch.ones(channels, device="cuda"), torch.zeros(channels, device="cuda")
+    dout = r(batch, channels, length)
+    plain = cuda_scan.scan_backward(cuda_scan.scan_forward(u, delta, A, B, C, D, z, bias, True)[2], dout)
+    d_proj = torch.full((batch, channels + 32, length), 7.0, device="cuda", dtype=torch.bfloat16)
+    dxz = torch.full((batch, 2 * channels, length), 7.0, device="cuda", dtype=torch.bfloat16)
+    into = cuda_scan.scan_backward(cuda_scan.scan_forward(u, delta, A, B, C, D, z, bias, True)[2], dout,
+                                   ddelta=d_proj[:, :channels], dBC=d_proj[:, channels:], dz=dxz[:, channels:])
+    for got, want in zip(into, plain):
+        assert torch.equal(got, want)
+    assert torch.equal(d_proj[:, :channels], plain[1]) and torch.equal(dxz[:, channels:], plain[6])
+    assert torch.equal(d_proj[:, channels:], torch.cat(plain[3:5], dim=1)) and (dxz[:, :channels] == 7.0).all()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bf16_mixer_with_the_fused_branch_equals_it_without(monkeypatch, batch):
+    """The 6-channel mixer under bf16 autocast, whose two branches run fused, against the same mixer with
+    the branches as separate autograd nodes: output and every gradient within bf16 rounding."""
+    from methods.ssm import BiMambaMixer, backends_gpu, fused_branch
+
+    backends_gpu.register()
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(3).cuda()
+    x = torch.randn(batch, 70_001, 3, device="cuda", requires_grad=True)
+    weight = torch.randn(batch, 70_001, 3, device="cuda")
+    calls = []
+    fused = fused_branch.fused_branch
+    monkeypatch.setattr(fused_branch, "fused_branch", lambda *a: calls.append(1) or fused(*a))
+    results = []
+    for use_fused in (True, False):
+        if not use_fused:
+            monkeypatch.setattr(backends_gpu, "fused_branch_supports", lambda *a: False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = mixer(x)
+        results.append([out, *torch.autograd.grad((out.float() * weight).sum(), [x, *mixer.parameters()])])
+    assert len(calls) == 2, "the fused branch did not run"
+    names = ["output", "input", *(name for name, _ in mixer.named_parameters())]
+    for name, got, want in zip(names, *results):
+        assert rel_err(got, want) < 2e-2, name
