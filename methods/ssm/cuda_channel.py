@@ -71,7 +71,8 @@ def conv_backward(x, weight, bias, dy, dy2=None, dx=None):
 def causal_conv1d_silu(x, weight, bias=None):
     """silu(causal depthwise conv1d(x) + bias) on CUDA: this kernel where it is compiled for the shape,
     else the Triton one. x (batch, E, L), weight (E, 1, width) or (E, width), bias (E,) or None."""
-    return causal_conv1d_silu_triton(x, weight, bias, kernels=sys.modules[__name__] if conv_supports(x, weight) else None)
+    kernels = sys.modules[__name__] if conv_supports(x, weight) else None  # None: the Triton kernels
+    return causal_conv1d_silu_triton(x, weight, bias, kernels=kernels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,12 +89,7 @@ def linear_forward(x, w, reverse: bool, token_major_out: bool):
     """triton_linear.linear_forward's map, by the CUDA kernel where it is compiled for w's shape."""
     if not linear_supports(x, w):
         return triton_linear.linear_forward(x, w, reverse, token_major_out)
-    batch, _, length = x.shape
-    n_out = w.shape[0]
-    if token_major_out:
-        y = x.new_empty(batch, length, n_out).transpose(1, 2)
-    else:
-        y = x.new_empty(batch, n_out, length)
+    y = triton_linear.new_output(x, w.shape[0], token_major_out)
     _ext().linear_fwd(x, w.float().contiguous(), y, reverse)
     return y
 

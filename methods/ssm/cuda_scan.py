@@ -4,9 +4,10 @@ The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it a
 the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
 between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-7.
 
-The extension is compiled with torch.utils.cpp_extension on first use (about 90 s, then cached in
-torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with WSI_BENCH_CUDA_SCAN=0, the
-Triton scan runs instead. "auto" picks it where it was measured faster: inference up to 768 channels,
+The extension (the scan, and the mixer's convolution and small projections of csrc/channel_ops.cu,
+see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
+then cached in torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with
+WSI_BENCH_CUDA_SCAN=0, the Triton kernels run instead. "auto" picks it where it was measured faster: inference up to 768 channels,
 training up to 16 (methods/ssm/backends_gpu.py, `cuda_sp_supports`); backend="cuda_sp" asks for it
 anywhere, gradients included.
 """

@@ -103,7 +103,8 @@ class _TwoBranchMamba(nn.Module):
     def _folded_proj(self, suffix, dtype):
         """x_proj with dt_proj folded in, in dtype: delta = W_dt (W_x[:R] x) = (W_dt W_x[:R]) x, so x is
         read once and the dt_rank-wide intermediate never leaves the kernel."""
-        x_proj, dt_proj, rank = getattr(self, "x_proj" + suffix), getattr(self, "dt_proj" + suffix), self.dt_rank
+        x_proj, dt_proj = getattr(self, "x_proj" + suffix), getattr(self, "dt_proj" + suffix)
+        rank = self.dt_rank
         return torch.cat((dt_proj.weight @ x_proj.weight[:rank], x_proj.weight[rank:])).to(dtype)
 
     def _scan_params(self, suffix):
@@ -117,16 +118,19 @@ class _TwoBranchMamba(nn.Module):
         (methods/ssm/fused_branch.py) where the CUDA scan runs it."""
         conv = getattr(self, "conv1d" + suffix)
         needs_grad = torch.is_grad_enabled() and (xz.requires_grad or conv.weight.requires_grad)
-        if not backends_gpu.fused_branch_supports(xz, self.d_state, self.d_conv, needs_grad, self.backend):
+        if not backends_gpu.fused_branch_supports(xz, self.d_state, self.d_conv, needs_grad,
+                                                  self.backend):
             return self._scan_branch(*xz.split(self.d_inner, dim=1), suffix, linear, dtype)
         from methods.ssm.fused_branch import fused_branch  # imports triton: only when used
 
-        return fused_branch(xz, conv.weight, conv.bias, self._folded_proj(suffix, dtype), *self._scan_params(suffix))
+        return fused_branch(xz, conv.weight, conv.bias, self._folded_proj(suffix, dtype),
+                            *self._scan_params(suffix))
 
     def _channel_linear(self, hidden):
-        """The Triton token-wise linear map where every projection of this mixer fits it on hidden's
-        device and dtype, else None. Why: at Pixel-Mamba's narrow layers (3-48 model channels, 10^6-10^7
-        tokens) cuBLAS spent about 21 of a 73 ms bf16 mixer step on the projections (docs/gpu_notes.md)."""
+        """Our token-wise linear map (CUDA or Triton by shape) where every projection of this mixer fits
+        it on hidden's device and dtype, else None. Why: at Pixel-Mamba's narrow layers (3-48 model
+        channels, 10^6-10^7 tokens) cuBLAS spent about 21 of a 73 ms bf16 mixer step on the projections
+        (docs/gpu_notes.md)."""
         inner, state = self.d_inner, self.d_state
         return backends_gpu.channel_linear_for(hidden, _matmul_dtype(hidden), (2 * inner, self.d_model),
                                                (inner + 2 * state, inner), (self.d_model, inner))

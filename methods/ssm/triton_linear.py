@@ -117,14 +117,19 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def new_output(x, n_out: int, token_major_out: bool):
+    """The (batch, n_out, L) output of a map of x: channel-first, or (batch, L, n_out) memory."""
+    batch, _, length = x.shape
+    if token_major_out:
+        return x.new_empty(batch, length, n_out).transpose(1, 2)
+    return x.new_empty(batch, n_out, length)
+
+
 def linear_forward(x, w, reverse: bool, token_major_out: bool):
     """y = w x token by token (the kernel behind `channel_linear`, without autograd)."""
     batch, k_in, length = x.shape
     n_out = w.shape[0]
-    if token_major_out:
-        y = x.new_empty(batch, length, n_out).transpose(1, 2)
-    else:
-        y = x.new_empty(batch, n_out, length)
+    y = new_output(x, n_out, token_major_out)
     block_k, block_n = _block(k_in), min(FWD_BLOCK_N, _block(n_out))
     block_l = max(16, min(FWD_MAX_L, TILE // max(block_k, block_n)))
     grid = (triton.cdiv(length, block_l), triton.cdiv(n_out, block_n), batch)

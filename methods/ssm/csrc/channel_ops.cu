@@ -183,20 +183,31 @@ struct LinParams {
   bool reverse;
 };
 
-template <typename T, int K, int N>
-__global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
-  float w[N][K];
+template <int K, int N>
+__device__ __forceinline__ void load_weights(const float* src, float (&w)[N][K]) {
 #pragma unroll
   for (int n = 0; n < N; ++n)
 #pragma unroll
-    for (int k = 0; k < K; ++k) w[n][k] = p.w[n * K + k];
+    for (int k = 0; k < K; ++k) w[n][k] = src[n * K + k];
+}
+
+// the M channels of one token (channel stride sc, token offset off)
+template <typename T, int M>
+__device__ __forceinline__ void load_token(const T* base, int64_t sc, int64_t off, float (&v)[M]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) v[m] = to_f(base[m * sc + off]);
+}
+
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
+  float w[N][K];
+  load_weights(p.w, w);
   const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
   T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
   for (int64_t t = int64_t(blockIdx.x) * kLinThreads + threadIdx.x; t < p.L; t += int64_t(gridDim.x) * kLinThreads) {
     const int64_t src = p.reverse ? p.L - 1 - t : t;
     float xv[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) xv[k] = to_f(x[k * p.x_k + src * p.x_t]);
+    load_token(x, p.x_k, src * p.x_t, xv);
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       float acc = 0.f;
@@ -212,20 +223,15 @@ __global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
 template <typename T, int K, int N>
 __global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
   float w[N][K], dw[N * K] = {};
-#pragma unroll
-  for (int n = 0; n < N; ++n)
-#pragma unroll
-    for (int k = 0; k < K; ++k) w[n][k] = p.w[n * K + k];
+  load_weights(p.w, w);
   const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
   const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
   T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
   for (int64_t t = int64_t(blockIdx.x) * kLinThreads + threadIdx.x; t < p.L; t += int64_t(gridDim.x) * kLinThreads) {
     const int64_t src = p.reverse ? p.L - 1 - t : t;
     float xv[K], gv[N];
-#pragma unroll
-    for (int k = 0; k < K; ++k) xv[k] = to_f(x[k * p.x_k + src * p.x_t]);
-#pragma unroll
-    for (int n = 0; n < N; ++n) gv[n] = to_f(g[n * p.y_n + t * p.y_t]);
+    load_token(x, p.x_k, src * p.x_t, xv);
+    load_token(g, p.y_n, t * p.y_t, gv);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       float acc = 0.f;
