@@ -110,13 +110,8 @@ class Saved:
     dtypes: list  # the inputs' dtypes, for their gradients
 
 
-def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                 save_states=True):
-    """(out, last_state, saved) of the scan; `scan_backward(saved, dout)` gives the gradients.
-
-    save_states: keep the state at every 8-token chunk start for the backward (rows x L / 8 x 16
-    float32, 48 bytes a token at 6 channels), so that it need not run the forward recurrence again
-    (docs/gpu_notes.md, session 8); without them the backward recomputes them."""
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """(out, last_state, saved) of the scan; `scan_backward(saved, dout)` gives the gradients."""
     batch, channels, length, _ = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     # gradients go back in each input's dtype; the kernel reads u's dtype throughout
     dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
@@ -138,11 +133,9 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
     out = torch.empty(u.shape, device=u.device, dtype=dtype)
     hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
-    hck = torch.empty(rows, triton.cdiv(length, CHUNK), STATES, **f32) if save_states else None
-    ext.run("fwd_out", {**inputs, **_given(hck=hck), "hseg": hseg, "dtseg": dtseg, "carry": carry,
-                        "hstart": hstart, "out": out}, _sizes(geo, delta_softplus))
-    saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt, hck), geo, delta_softplus,
-                  dtypes)
+    ext.run("fwd_out", {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
+                        "out": out}, _sizes(geo, delta_softplus))
+    saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt), geo, delta_softplus, dtypes)
     return out, carry[:, geo.n_sup].view(batch, channels, STATES), saved
 
 
@@ -157,20 +150,16 @@ def scan_backward(saved: Saved, dout, ddelta=None, dBC=None, dz=None):
     inputs not given. ddelta, dBC ((batch, 2 x 16, L): dB above dC) and dz may be buffers to write into
     (slices of whole rows, e.g. of the mixer's fused gradient); where the kernel cannot write one
     directly the values are copied into it."""
-    u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt, hck = saved.tensors
+    u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = saved.tensors
     geo = saved.geo
     rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
     ext = extension()
     inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
                     dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
+    hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
     wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
     wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
-    if hck is None:  # the forward states at the chunk starts, again, with the adjoint summaries
-        hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
-        summary = "bwd_summary"
-    else:
-        summary = "bwd_adjoint"
-    ext.run(summary, {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup}, _sizes(geo, saved.softplus))
+    ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup}, _sizes(geo, saved.softplus))
     rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
     same = dict(device=u.device, dtype=u.dtype)
 
@@ -207,8 +196,7 @@ class CudaSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
-        out, last_state, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              save_states=any(ctx.needs_input_grad))
+        out, last_state, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         ctx.save_for_backward(*saved.tensors)
         saved.tensors = None
         ctx.saved = saved

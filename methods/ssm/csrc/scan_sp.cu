@@ -17,11 +17,9 @@
 //   fwd_summary: end state of each segment from a zero start (hseg) and its sum of dt (dtseg); the
 //                superblock's summary (sup_h, sup_dt).
 //   [carry]      state entering each superblock.
-//   fwd_out:     state entering each segment (saved as hstart for the backward), outputs; in training
-//                also the state at every 8-token chunk start (hck).
-//   bwd_summary: the segment's adjoint summary W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg) and the
-//                superblock's (wsup); where fwd_out did not save hck ("bwd_summary" against
-//                "bwd_adjoint"), also the forward states at every chunk start from hstart.
+//   fwd_out:     state entering each segment (saved as hstart for the backward), outputs.
+//   bwd_summary: forward states at every 8-token chunk start (hck), the segment's adjoint summary
+//                W = sum_t exp(A sum_{k<=t} dt_k) C_t dy_t (wseg), and the superblock's (wsup).
 //   [carry]      adjoint entering each superblock from the right.
 //   bwd_main:    chunks from the last: recompute the chunk's 8 states from hck into shared memory,
 //                walk them backwards with the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, and form the
@@ -119,9 +117,8 @@ __device__ void load_A(const Params& p, const Lane<G>& ln, float A[kHalf]) {
 }
 
 // A lane's input rows for one pass, resolved once: its channel's rows and its share of the segment's
-// rows FIRST .. FIRST + ROWS of B | C (row r of 32: B's state r, or C's state r - 16; the group's lanes
-// take rows FIRST + l, FIRST + l + G, ...)
-template <typename T, int G, int ROWS, int FIRST = 0>
+// B | C rows (row r of 32: B's state r, or C's state r - 16; the group's lanes take rows l, l + G, ...)
+template <typename T, int G, int ROWS>
 struct Rows {
   static constexpr int kRows = (ROWS + G - 1) / G;
   const T *delta, *u, *z, *dout, *bc[kRows];
@@ -135,8 +132,8 @@ struct Rows {
     aligned = aligned16(delta) && aligned16(u) && aligned16(z) && aligned16(dout);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      const int r = FIRST + ln.l + i * G;
-      bc[i] = r >= FIRST + ROWS ? u
+      const int r = ln.l + i * G;
+      bc[i] = r >= ROWS ? u
               : r < kStates ? static_cast<const T*>(p.B) + ln.b * p.B_b + r * p.B_n
                             : static_cast<const T*>(p.C) + ln.b * p.C_b + (r - kStates) * p.C_n;
       aligned = aligned && aligned16(bc[i]);
@@ -145,13 +142,13 @@ struct Rows {
 };
 
 // One chunk's inputs in raw registers: 8 tokens of each of a Rows' rows.
-template <typename T, int G, int ROWS, int FIRST = 0>
+template <typename T, int G, int ROWS>
 struct ChunkIn {
-  static constexpr int kRows = Rows<T, G, ROWS, FIRST>::kRows;
+  static constexpr int kRows = Rows<T, G, ROWS>::kRows;
   Raw8<T> delta, u, z, dout, bc[kRows];
 
   // tokens t0 .. t0 + 8 (zero past the end of the sequence)
-  __device__ void fetch(const Params& p, const Lane<G>& ln, const Rows<T, G, ROWS, FIRST>& rows, int64_t t0,
+  __device__ void fetch(const Params& p, const Lane<G>& ln, const Rows<T, G, ROWS>& rows, int64_t t0,
                         bool with_dout) {
     const int n = inside(t0, p.L);
     const bool vec = n == kChunk && rows.aligned;
@@ -192,7 +189,7 @@ struct ChunkIn {
       float v[kChunk];
       unpack8(bc[i], v);
 #pragma unroll
-      for (int t = 0; t < kChunk; ++t) tile[t * 2 * kStates + FIRST + r] = v[t];
+      for (int t = 0; t < kChunk; ++t) tile[t * 2 * kStates + r] = v[t];
     }
     __syncwarp(ln.mask);
   }
@@ -328,7 +325,6 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
   read8(&seg_in[ln.seg][ln.slot][ln.half * kHalf], h);
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (p.hck && ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);  // for the backward
     const int n = inside(t0, p.L);
     float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
     in.dt_u(p, ln, n, dt, x, u);
@@ -368,9 +364,7 @@ __device__ __forceinline__ Gate gate(bool has_z, float dout, float z) {
   return {dout * z * sz, sz};
 }
 
-// kStatesGiven: fwd_out saved the chunk-start states (hck); only the adjoint summary is formed, from the
-// C rows alone. Otherwise the forward states are run again from hstart and written to hck.
-template <typename T, int G, bool kStatesGiven>
+template <typename T, int G>
 __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   using Ln = Lane<G>;
   __shared__ __align__(16) float stage[Ln::SB][kStageRow];
@@ -379,15 +373,14 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   const bool runs = ln.t_end > ln.t_start;
   float A[kHalf], h[kHalf] = {}, P[kHalf], W[kHalf] = {};
   load_A(p, ln, A);
-  if (!kStatesGiven && runs && ln.active) read8(&p.hstart[ln.state_at(p.n_seg, ln.s)], h);
+  if (runs && ln.active) read8(&p.hstart[ln.state_at(p.n_seg, ln.s)], h);
 #pragma unroll
   for (int j = 0; j < kHalf; ++j) P[j] = 1.f;
-  constexpr int kFirst = kStatesGiven ? kC : kB;  // the B | C rows read: C only, or both
-  const Rows<T, G, 2 * kStates - kFirst, kFirst> rows(p, ln, true);
-  ChunkIn<T, G, 2 * kStates - kFirst, kFirst> in;
+  const Rows<T, G, 2 * kStates> rows(p, ln, true);
+  ChunkIn<T, G, 2 * kStates> in;
   if (runs) in.fetch(p, ln, rows, ln.t_start, true);
   for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (!kStatesGiven && ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
+    if (ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
     float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
     in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
     unpack8(in.dout, g);
@@ -397,7 +390,7 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
-      if (!kStatesGiven) read_staged(stage[ln.seg], t, kB, ln.half, Bt);
+      read_staged(stage[ln.seg], t, kB, ln.half, Bt);
       read_staged(stage[ln.seg], t, kC, ln.half, Ct);
       const float dy = ln.active ? gate(p.has_z, g[t], p.has_z ? z[t] : 0.f).dy : 0.f;
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
@@ -406,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
         const float a = ex2(dtl * A[j]);
         P[j] *= a;
         W[j] = fmaf(P[j], Ct[j] * dy, W[j]);
-        if (!kStatesGiven) h[j] = fmaf(a, h[j], dtu * Bt[j]);
+        h[j] = fmaf(a, h[j], dtu * Bt[j]);
       }
     }
   }
@@ -681,8 +674,7 @@ template <typename T, int G>
 void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
   if (kernel == "fwd_summary") fwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
   else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
-  else if (kernel == "bwd_summary") bwd_summary_kernel<T, G, false><<<grid, kThreads, 0, stream>>>(p);
-  else if (kernel == "bwd_adjoint") bwd_summary_kernel<T, G, true><<<grid, kThreads, 0, stream>>>(p);
+  else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
   else if (kernel == "bwd_main") {
     const int bytes = sizeof(BwdSmem<G>);
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_main_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
