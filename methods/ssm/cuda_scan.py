@@ -7,9 +7,9 @@ between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performa
 The extension (the scan, and the mixer's convolution and small projections of csrc/channel_ops.cu,
 see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
 then cached in torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with
-WSI_BENCH_CUDA_SCAN=0, the Triton kernels run instead. "auto" picks it where it was measured faster: inference up to 768 channels,
-training up to 16 (methods/ssm/backends_gpu.py, `cuda_sp_supports`); backend="cuda_sp" asks for it
-anywhere, gradients included.
+WSI_BENCH_CUDA_SCAN=0, the Triton kernels run instead. "auto" picks the scan where it was measured
+faster: inference up to 768 channels, training up to 16 (methods/ssm/backends_gpu.py,
+`cuda_sp_supports`); backend="cuda_sp" asks for it anywhere, gradients included.
 """
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
-        print("[wsi-bench] loading the CUDA selective scan (the first time on a machine it compiles: "
-              "about a minute and a half)", file=sys.stderr, flush=True)
+        print("[wsi-bench] loading the CUDA selective scan and channel ops (the first time on a machine "
+              "it compiles: about two minutes)", file=sys.stderr, flush=True)
         return load(name="wsi_bench_ssm_ops", sources=[str(s) for s in SOURCES], extra_cuda_cflags=["-O3"],
                     verbose=False)
-    except Exception as err:  # no nvcc, a compiler error: the Triton scan runs instead
+    except Exception as err:  # no nvcc, a compiler error: the Triton kernels run instead
         warnings.warn(f"the CUDA selective scan did not build ({type(err).__name__}: {err}); using the "
-                      "Triton scan. Install the CUDA toolkit (nvcc) to build it, or set "
+                      "Triton kernels. Install the CUDA toolkit (nvcc) to build it, or set "
                       "WSI_BENCH_CUDA_SCAN=0 to skip it", RuntimeWarning, stacklevel=2)
         return None
 
