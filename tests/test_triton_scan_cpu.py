@@ -2,7 +2,7 @@
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
 the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
-before it compiles anything."""
+before it compiles anything, and the CUDA channel ops leave shapes past CUDA's grid limit to Triton."""
 import pytest
 import torch
 
@@ -55,3 +55,29 @@ def test_cuda_scan_rejects_cpu_tensors_before_building():
         cuda_scan.selective_scan_cuda_sp(u, u, -torch.ones(4, 16), torch.randn(1, 16, 64),
                                          torch.randn(1, 16, 64))
     assert cuda_scan.extension.cache_info().currsize == 0, "it tried to compile the extension"
+
+
+def test_cuda_channel_ops_leave_shapes_past_the_grid_limit_to_triton(monkeypatch):
+    """The CUDA convolution launches batch x channels blocks along its grid's second dimension and the
+    linear maps batch, which CUDA caps at 65535: past that `conv_supports` / `linear_supports` say no,
+    so the Triton kernels run (checked on a stand-in for a CUDA tensor, with the extension stubbed)."""
+    from types import SimpleNamespace
+
+    from methods.ssm import cuda_channel
+
+    class Ext:
+        def linear_supports(self, k_in, n_out):
+            return (k_in, n_out) == (3, 12)
+
+    monkeypatch.setattr(cuda_channel, "_ext", Ext)
+
+    def on_cuda(*shape):
+        return SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=shape)
+
+    weight = torch.zeros(8192, 1, 4)
+    assert cuda_channel.conv_supports(on_cuda(7, 8192, 100), weight)     # 57,344 rows
+    assert not cuda_channel.conv_supports(on_cuda(8, 8192, 100), weight)  # 65,536 rows
+    assert not cuda_channel.conv_supports(on_cuda(7, 8192, 100), torch.zeros(8192, 1, 5))  # width 5
+    assert cuda_channel.linear_supports(on_cuda(65535, 3, 10), torch.zeros(12, 3))
+    assert not cuda_channel.linear_supports(on_cuda(65536, 3, 10), torch.zeros(12, 3))
+    assert not cuda_channel.linear_supports(on_cuda(1, 6, 10), torch.zeros(38, 6))

@@ -32,9 +32,13 @@ def _tokens_contiguous(x):
 # convolution
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: batch x channels (conv), batch (linear)
+
+
 def conv_supports(x, weight) -> bool:
     return (x.is_cuda and x.dtype in DTYPES and weight.shape[-1] in CONV_WIDTHS
-            and weight.numel() == x.shape[1] * weight.shape[-1] and _ext() is not None)
+            and weight.numel() == x.shape[1] * weight.shape[-1] and x.shape[0] * x.shape[1] <= MAX_GRID_Y
+            and _ext() is not None)
 
 
 def _conv_weights(weight, bias, channels):
@@ -81,7 +85,7 @@ def causal_conv1d_silu(x, weight, bias=None):
 
 def linear_supports(x, weight) -> bool:
     """Whether the CUDA kernel is compiled for this (N, K) weight and x's dtype."""
-    ext = _ext() if x.is_cuda and x.dtype in DTYPES else None
+    ext = _ext() if x.is_cuda and x.dtype in DTYPES and x.shape[0] <= MAX_GRID_Y else None
     return ext is not None and ext.linear_supports(weight.shape[1], weight.shape[0])
 
 

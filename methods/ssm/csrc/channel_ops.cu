@@ -290,7 +290,11 @@ ConvParams conv_params(const at::Tensor& x, const at::Tensor& w, const std::opti
   return p;
 }
 
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+
 dim3 conv_grid(const at::Tensor& x) {
+  TORCH_CHECK(x.size(0) * x.size(1) <= kMaxGridY, "the CUDA convolution takes batch x channels <= ", kMaxGridY,
+              ", got ", x.size(0) * x.size(1), "; use the Triton kernel (methods/ssm/triton_conv.py)");
   const int64_t per_block = int64_t(kConvThreads) * kChunk;
   return dim3(unsigned((x.size(2) + per_block - 1) / per_block), unsigned(x.size(0) * x.size(1)));
 }
@@ -369,6 +373,7 @@ LinParams lin_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(1) && w.size(1) == x.size(1),
               "w must be contiguous float32 (N, K)");
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "x and y (dy) must share a dtype");
+  TORCH_CHECK(x.size(0) <= kMaxGridY, "the CUDA linear maps take a batch of at most ", kMaxGridY);
   LinParams p{};
   p.x = x.data_ptr();
   p.w = w.data_ptr<float>();
