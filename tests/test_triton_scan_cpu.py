@@ -2,7 +2,8 @@
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
 the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
-before it compiles anything, and the CUDA channel ops leave shapes past CUDA's grid limit to Triton."""
+before it compiles anything, the CUDA channel ops leave shapes past CUDA's grid limit to Triton, and
+the mixer fuses a branch only where its CUDA kernels run it."""
 import pytest
 import torch
 
@@ -81,3 +82,24 @@ def test_cuda_channel_ops_leave_shapes_past_the_grid_limit_to_triton(monkeypatch
     assert cuda_channel.linear_supports(on_cuda(65535, 3, 10), torch.zeros(12, 3))
     assert not cuda_channel.linear_supports(on_cuda(65536, 3, 10), torch.zeros(12, 3))
     assert not cuda_channel.linear_supports(on_cuda(1, 6, 10), torch.zeros(38, 6))
+
+
+def test_fused_branch_needs_the_cuda_scan_a_compiled_width_and_rows_within_the_grid(monkeypatch):
+    """The mixer fuses a branch only where "auto" would take the CUDA scan, the convolution's width is
+    compiled and batch x channels fits the convolution's grid (stand-in CUDA tensors, scan rule stubbed)."""
+    from types import SimpleNamespace
+
+    from methods.ssm import backends_gpu
+
+    monkeypatch.setattr(backends_gpu, "_kernels_enabled", True)
+    monkeypatch.setattr(backends_gpu, "cuda_sp_supports", lambda info: info.channels <= 16)
+
+    def xz(batch, channels):
+        return SimpleNamespace(is_cuda=True, shape=(batch, 2 * channels, 5000), device=torch.device("cuda"),
+                               dtype=torch.bfloat16)
+
+    assert backends_gpu.fused_branch_supports(xz(1, 6), 16, 4, True, "auto")
+    assert not backends_gpu.fused_branch_supports(xz(1, 24), 16, 4, True, "auto")     # the Triton scan's
+    assert not backends_gpu.fused_branch_supports(xz(1, 6), 16, 5, True, "auto")      # width 5
+    assert not backends_gpu.fused_branch_supports(xz(1, 6), 16, 4, True, "triton")    # asked for Triton
+    assert not backends_gpu.fused_branch_supports(xz(10923, 6), 16, 4, True, "auto")  # 65,538 rows

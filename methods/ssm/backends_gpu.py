@@ -81,8 +81,8 @@ def cuda_sp_supports(info: ScanInfo) -> bool:
 
 def fused_branch_supports(xz, state: int, width: int, needs_grad: bool, backend: str) -> bool:
     """Whether the mixer's fused branch (methods/ssm/fused_branch.py) can run a branch on xz
-    (batch, 2E, L): `backend` would take the CUDA scan for it and the CUDA convolution is compiled for
-    its width."""
+    (batch, 2E, L): `backend` would take the CUDA scan for it and the CUDA convolution runs its width
+    and its batch x E rows."""
     if backend not in ("auto", "cuda_sp") or not (_kernels_enabled and xz.is_cuda):
         return False
     batch, channels, length = xz.shape[0], xz.shape[1] // 2, xz.shape[2]
@@ -90,7 +90,8 @@ def fused_branch_supports(xz, state: int, width: int, needs_grad: bool, backend:
     from methods.ssm import cuda_channel, cuda_scan  # compiles the extension on the first call
 
     wanted = cuda_sp_supports(info) if backend == "auto" else cuda_scan.supports(channels, state, xz.dtype)
-    return wanted and width in cuda_channel.CONV_WIDTHS and xz.dtype in cuda_channel.DTYPES
+    return (wanted and width in cuda_channel.CONV_WIDTHS and xz.dtype in cuda_channel.DTYPES
+            and batch * channels <= cuda_channel.MAX_GRID_Y)
 
 
 def cuda_sp_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
