@@ -86,13 +86,15 @@ def test_cuda_channel_ops_leave_shapes_past_the_grid_limit_to_triton(monkeypatch
 
 def test_fused_branch_needs_the_cuda_scan_a_compiled_width_and_rows_within_the_grid(monkeypatch):
     """The mixer fuses a branch only where "auto" would take the CUDA scan, the convolution's width is
-    compiled and batch x channels fits the convolution's grid (stand-in CUDA tensors, scan rule stubbed)."""
+    compiled and batch x channels fits the convolution's grid (stand-in CUDA tensors, scan rule and
+    extension stubbed)."""
     from types import SimpleNamespace
 
-    from methods.ssm import backends_gpu
+    from methods.ssm import backends_gpu, cuda_channel
 
     monkeypatch.setattr(backends_gpu, "_kernels_enabled", True)
     monkeypatch.setattr(backends_gpu, "cuda_sp_supports", lambda info: info.channels <= 16)
+    monkeypatch.setattr(cuda_channel, "_ext", object)  # built, without compiling it
 
     def xz(batch, channels):
         return SimpleNamespace(is_cuda=True, shape=(batch, 2 * channels, 5000), device=torch.device("cuda"),

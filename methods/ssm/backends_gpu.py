@@ -90,8 +90,7 @@ def fused_branch_supports(xz, state: int, width: int, needs_grad: bool, backend:
     from methods.ssm import cuda_channel, cuda_scan  # compiles the extension on the first call
 
     wanted = cuda_sp_supports(info) if backend == "auto" else cuda_scan.supports(channels, state, xz.dtype)
-    return (wanted and width in cuda_channel.CONV_WIDTHS and xz.dtype in cuda_channel.DTYPES
-            and batch * channels <= cuda_channel.MAX_GRID_Y)
+    return wanted and cuda_channel.conv_runs(batch, channels, width, xz.dtype)
 
 
 def cuda_sp_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -35,10 +35,15 @@ def _tokens_contiguous(x):
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: batch x channels (conv), batch (linear)
 
 
-def conv_supports(x, weight) -> bool:
-    return (x.is_cuda and x.dtype in DTYPES and weight.shape[-1] in CONV_WIDTHS
-            and weight.numel() == x.shape[1] * weight.shape[-1] and x.shape[0] * x.shape[1] <= MAX_GRID_Y
+def conv_runs(batch: int, channels: int, width: int, dtype) -> bool:
+    """Whether the CUDA convolution is compiled for this width and dtype and its grid fits the rows."""
+    return (dtype in DTYPES and width in CONV_WIDTHS and batch * channels <= MAX_GRID_Y
             and _ext() is not None)
+
+
+def conv_supports(x, weight) -> bool:
+    return (x.is_cuda and weight.numel() == x.shape[1] * weight.shape[-1]
+            and conv_runs(x.shape[0], x.shape[1], weight.shape[-1], x.dtype))
 
 
 def _conv_weights(weight, bias, channels):

@@ -32,8 +32,8 @@ __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Sum of v over the block (every thread passes its value; thread 0 gets the total). Needs blockDim.x
-// a multiple of 32, at most 1024.
+// Sum of v over the block into out (shared memory): every thread passes its values, threads m < M write
+// out[m]; read it after a __syncthreads(). Needs blockDim.x a multiple of 32, at most 1024.
 template <int M>
 __device__ void block_sum(float (&v)[M], float* out) {
   __shared__ float warp_sums[32][M];
