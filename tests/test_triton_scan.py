@@ -141,6 +141,17 @@ def test_bf16_inputs_match_oracle(channels, length, impl, monkeypatch):
            monkeypatch=monkeypatch, impl=impl)
 
 
+@pytest.mark.parametrize("group,channels", [(12, 6), (16, 6), (24, 12), (32, 12)])
+def test_cuda_scan_matches_oracle_with_every_pass_in_one_group(group, channels, monkeypatch):
+    """The kernels of each group, also those `cuda_scan.groups` picks for no pass at these widths today:
+    blocks of 96 threads (groups across warps) and of 128, with a partial last superblock."""
+    from methods.ssm import cuda_scan
+
+    monkeypatch.setattr(cuda_scan, "groups", lambda channels: dict.fromkeys(cuda_scan.KERNELS, group))
+    _check(2, channels, 2077, 16, torch.float32, 1e-4, target_programs=24, seed=group, monkeypatch=monkeypatch,
+           impl="cuda")
+
+
 def test_cuda_scan_reads_misaligned_rows(monkeypatch):
     """Rows that do not start on 16 bytes (an odd length in one buffer) take the scalar loads."""
     _check(1, 6, 1001, 16, torch.bfloat16, 1e-2, target_programs=16, seed=3, monkeypatch=monkeypatch,

@@ -2,8 +2,8 @@
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
 the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
-before it compiles anything, the CUDA channel ops leave shapes past CUDA's grid limit to Triton, and
-the mixer fuses a branch only where its CUDA kernels run it."""
+before it compiles anything, its plan gives every pass a group that fits, the CUDA channel ops leave
+shapes past CUDA's grid limit to Triton, and the mixer fuses a branch only where its CUDA kernels run it."""
 import pytest
 import torch
 
@@ -56,6 +56,21 @@ def test_cuda_scan_rejects_cpu_tensors_before_building():
         cuda_scan.selective_scan_cuda_sp(u, u, -torch.ones(4, 16), torch.randn(1, 16, 64),
                                          torch.randn(1, 16, 64))
     assert cuda_scan.extension.cache_info().currsize == 0, "it tried to compile the extension"
+
+
+def test_cuda_scan_plan_gives_every_pass_a_group_that_holds_the_channels():
+    """Each pass's group is one the kernels are built for, holds every channel (or 16 a block), and all
+    passes put the same segments in a block: they read each other's per-segment and per-block sums."""
+    from methods.ssm import cuda_scan
+
+    for channels in range(1, 70):
+        geo = cuda_scan.plan(1, channels, 10**6)
+        assert set(geo.groups) == set(cuda_scan.KERNELS)
+        for kernel, group in geo.groups.items():
+            assert group in cuda_scan.THREADS and min(channels, 16) <= group // 2, (channels, kernel, group)
+        assert len({cuda_scan.THREADS[g] // g for g in geo.groups.values()}) == 1, (channels, geo.groups)
+        assert geo.n_cblk == -(-channels // (geo.groups["bwd_main"] // 2))
+        assert geo.n_seg * geo.seg_len >= 10**6 > (geo.n_seg - 1) * geo.seg_len
 
 
 def test_cuda_channel_ops_leave_shapes_past_the_grid_limit_to_triton(monkeypatch):

@@ -29,7 +29,8 @@ SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
 # one extension: the scan, the channel ops (methods/ssm/cuda_channel.py) and their Python bindings
 SOURCES = (SOURCE, SOURCE.with_name("channel_ops.cu"), SOURCE.with_name("bindings.cpp"))
 STATES = 16          # the kernel's d_state
-THREADS = 128        # per block; a block holds THREADS / group segments (a superblock)
+THREADS = {12: 96, 16: 128, 24: 96, 32: 128}  # per block, by group; a block holds THREADS / group segments
+KERNELS = ("fwd_summary", "fwd_out", "bwd_summary", "bwd_main")
 CHUNK = 8            # tokens per vector load
 PAIR = 16            # segments are whole multiples of 16 tokens (dB | dC are written 16 at a time)
 TARGET_BLOCKS = 8192  # enough blocks to fill 132 multiprocessors many times over
@@ -56,31 +57,45 @@ def extension():
         return None
 
 
+def groups(channels: int) -> dict[str, int]:
+    """Lanes per segment (two per channel slot) of each pass, as measured fastest on the H200
+    (docs/performance.md, session 9). Groups of 12 and 24 lanes leave no lane idle at 6 and 12 channels,
+    Pixel-Mamba's narrowest widths, but theirs span warps and wait at block barriers: at 6 channels that
+    costs fwd_out and bwd_main more than the idle lanes of a group of 16 do. Every pass of a scan holds
+    the same number of segments per block (the passes share their summaries)."""
+    if channels <= 6:
+        return dict(fwd_summary=12, fwd_out=16, bwd_summary=12, bwd_main=16)
+    return dict.fromkeys(KERNELS, 16 if channels <= 8 else 24 if channels <= 12 else 32)
+
+
 @dataclass(frozen=True)
 class Geometry:
     batch: int
     channels: int
     length: int
-    group: int     # lanes per segment: two per channel slot
+    groups: dict   # lanes per segment of each pass (`groups`)
     seg_len: int
     n_seg: int
     n_sup: int     # superblocks (blocks along the sequence)
-    n_cblk: int    # blocks along the channels
+    n_cblk: int    # blocks along the channels, in bwd_main (more than one: dB | dC add atomically)
 
 
 def plan(batch: int, channels: int, length: int) -> Geometry:
-    group = 16 if channels <= 8 else 32
-    n_cblk = triton.cdiv(channels, group // 2)
-    per_block = THREADS // group
+    by_pass = groups(channels)
+    per_block = {THREADS[g] // g for g in by_pass.values()}
+    assert len(per_block) == 1, f"the passes' groups {by_pass} hold different numbers of segments per block"
+    per_block = per_block.pop()
+    n_cblk = triton.cdiv(channels, by_pass["bwd_main"] // 2)
     segments_wanted = max(1, TARGET_BLOCKS * per_block // (batch * n_cblk))
     seg_len = triton.cdiv(max(MIN_SEGMENT, triton.cdiv(length, segments_wanted)), PAIR) * PAIR
     n_seg = triton.cdiv(length, seg_len)
-    return Geometry(batch, channels, length, group, seg_len, n_seg, triton.cdiv(n_seg, per_block), n_cblk)
+    return Geometry(batch, channels, length, by_pass, seg_len, n_seg, triton.cdiv(n_seg, per_block), n_cblk)
 
 
-def _sizes(geo: Geometry, softplus: bool, atomic_bc: bool = False) -> dict[str, int]:
-    return dict(group=geo.group, seg_len=geo.seg_len, n_seg=geo.n_seg, n_sup=geo.n_sup,
-                softplus=int(softplus), atomic_bc=int(atomic_bc))
+def _run(kernel: str, geo: Geometry, tensors: dict, softplus: bool, atomic_bc: bool = False) -> None:
+    sizes = dict(group=geo.groups[kernel], seg_len=geo.seg_len, n_seg=geo.n_seg, n_sup=geo.n_sup,
+                 softplus=int(softplus), atomic_bc=int(atomic_bc))
+    extension().run(kernel, tensors, sizes)
 
 
 def _carry(summary, dtsum, A, geo: Geometry, reverse: bool):
@@ -119,8 +134,7 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     delta, B, C, z = (None if x is None else _token_major(x.to(dtype)) for x in (delta, B, C, z))
     u = _token_major(u)
     A32, D32, bias32 = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
-    ext = extension()
-    if ext is None:
+    if extension() is None:
         raise RuntimeError("the CUDA selective scan is not built here (see the warning above); use "
                            "backend='auto', which falls back to the Triton scan")
     geo = plan(batch, channels, length)
@@ -128,13 +142,13 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     inputs = _given(u=u, delta=delta, A=A32, B=B, C=C, D=D32, z=z, bias=bias32)
     hseg, dtseg = torch.empty(rows, geo.n_seg, STATES, **f32), torch.empty(rows, geo.n_seg, **f32)
     sup_h, sup_dt = torch.empty(rows, geo.n_sup, STATES, **f32), torch.empty(rows, geo.n_sup, **f32)
-    ext.run("fwd_summary", {**inputs, "hseg": hseg, "dtseg": dtseg, "sup_h": sup_h, "sup_dt": sup_dt},
-            _sizes(geo, delta_softplus))
+    _run("fwd_summary", geo, {**inputs, "hseg": hseg, "dtseg": dtseg, "sup_h": sup_h, "sup_dt": sup_dt},
+         delta_softplus)
     carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
     out = torch.empty(u.shape, device=u.device, dtype=dtype)
     hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
-    ext.run("fwd_out", {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
-                        "out": out}, _sizes(geo, delta_softplus))
+    _run("fwd_out", geo, {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
+                          "out": out}, delta_softplus)
     saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt), geo, delta_softplus, dtypes)
     return out, carry[:, geo.n_sup].view(batch, channels, STATES), saved
 
@@ -153,13 +167,12 @@ def scan_backward(saved: Saved, dout, ddelta=None, dBC=None, dz=None):
     u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = saved.tensors
     geo = saved.geo
     rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
-    ext = extension()
     inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
                     dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
     hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
     wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
     wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
-    ext.run("bwd_summary", {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup}, _sizes(geo, saved.softplus))
+    _run("bwd_summary", geo, {**inputs, "hck": hck, "wseg": wseg, "wsup": wsup}, saved.softplus)
     rcarry = _carry(wsup, sup_dt, A, geo, reverse=True)
     same = dict(device=u.device, dtype=u.dtype)
 
@@ -176,8 +189,8 @@ def scan_backward(saved: Saved, dout, ddelta=None, dBC=None, dz=None):
                  dA_part=torch.empty(parts, geo.channels, STATES, **f32),
                  dD_part=torch.empty(parts, geo.channels, **f32),
                  dbias_part=torch.empty(parts, geo.channels, **f32))
-    ext.run("bwd_main", {**inputs, **_given(**grads), "wseg": wseg, "hck": hck, "rcarry": rcarry},
-            _sizes(geo, saved.softplus, atomic))
+    _run("bwd_main", geo, {**inputs, **_given(**grads), "wseg": wseg, "hck": hck, "rcarry": rcarry},
+         saved.softplus, atomic)
     for given, made in ((ddelta, grads["ddelta"]), (dz, grads["dz"]), (dBC, dbc)):
         if given is not None and made is not None and given is not made:
             given.copy_(made)

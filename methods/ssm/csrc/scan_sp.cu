@@ -8,10 +8,12 @@
 // against the Triton scan, and what limits each kernel, are in docs/performance.md and docs/gpu_notes.md
 // (session 5).
 //
-// Geometry. A group of G lanes (G = 16 or 32) holds G/2 channels of one segment of seg_len tokens
-// (lane = 2 x channel slot + half). A block of 128 threads holds 128/G consecutive segments: a
-// superblock. Each pass combines its segments' summaries inside the block, so the carry between
-// superblocks (methods/ssm/triton_scan.py's _carry_kernel) scans n_seg / (128/G) entries only.
+// Geometry. A group of G lanes (G = 12, 16, 24 or 32) holds G/2 channels of one segment of seg_len
+// tokens (lane = 2 x channel slot + half). A block holds consecutive segments: a superblock, of 128
+// threads where G divides a warp, else (G = 12, 24: Pixel-Mamba's widths are 3 x 2^k channels) of 96,
+// whose groups span warps and wait for each other at block barriers; either way a group has no idle
+// lane at 6 or 12 channels. Each pass combines its segments' summaries inside the block, so the carry
+// between superblocks (methods/ssm/triton_scan.py's _carry_kernel) scans n_seg / (threads / G) entries.
 //
 // Passes (all state arithmetic in float32):
 //   fwd_summary: end state of each segment from a zero start (hseg) and its sum of dt (dtseg); the
@@ -45,7 +47,6 @@ namespace {
 constexpr int kStates = 16;                       // d_state
 constexpr int kHalf = 8;                          // states per lane
 constexpr int kPair = 2 * kChunk;                 // dB | dC are written 16 tokens (32 bytes of bf16) at a time
-constexpr int kThreads = 128;
 constexpr int kStageRow = kChunk * 2 * kStates + 16;  // a segment's [token][B | C] tile, +16 spreads banks
 constexpr int kRedRow = 2 * kStates + 4;              // a channel's dB | dC terms of one token, +4 pad
 
@@ -76,12 +77,14 @@ __device__ __forceinline__ float softplus(float x) {
 
 template <int G>
 struct Lane {
-  static constexpr int CS = G / 2;          // channel slots per segment
-  static constexpr int SB = kThreads / G;   // segments per block (a superblock)
+  static constexpr bool kInWarp = 32 % G == 0;       // the group's lanes share a warp (G = 16, 32)
+  static constexpr int kThreads = kInWarp ? 128 : 96;  // G = 12, 24: eight or four groups, no idle lane
+  static constexpr int CS = G / 2;                   // channel slots per segment
+  static constexpr int SB = kThreads / G;            // segments per block (a superblock)
   int seg, slot, half, l, b;
-  int64_t e, ec, row, s, t_start, t_end;    // ec: e clamped to a real channel (for addresses)
+  int64_t e, ec, row, s, t_start, t_end, t_stop;     // ec: e clamped to a real channel (for addresses)
   bool active;
-  unsigned mask;                            // the group's lanes, for __syncwarp
+  unsigned mask;                                     // the warp's lanes in the group, for shuffles
 
   __device__ explicit Lane(const Params& p) {
     const int tid = threadIdx.x;
@@ -97,7 +100,25 @@ struct Lane {
     s = int64_t(blockIdx.x) * SB + seg;
     t_start = s * p.seg_len;
     t_end = s < p.n_seg ? min(t_start + p.seg_len, p.L) : t_start;
-    mask = G == 32 ? 0xffffffffu : ((1u << G) - 1u) << ((tid & 31) & ~(G - 1));
+    mask = kInWarp && G < 32 ? ((1u << G) - 1u) << ((tid & 31) & ~(G - 1)) : 0xffffffffu;
+    // where the loop over chunks stops: t_end, or for groups that span warps (their barriers need every
+    // thread of the block) the end of the block's first, longest segment; chunks past the sequence
+    // read as zeros and leave every state unchanged
+    if constexpr (kInWarp) {
+      t_stop = t_end;
+    } else {
+      const int64_t first = int64_t(blockIdx.x) * SB * p.seg_len;
+      t_stop = t_start + (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk * kChunk;
+    }
+  }
+
+  // whether the chunk from t0 holds tokens of this lane's segment (always, for groups inside a warp)
+  __device__ bool holds(int64_t t0) const { return kInWarp || t0 < t_end; }
+
+  // the group's lanes wait for each other (shared-memory handoffs); a group across warps, for the block
+  __device__ void sync() const {
+    if constexpr (kInWarp) __syncwarp(mask);
+    else __syncthreads();
   }
 
   template <typename T>
@@ -181,7 +202,7 @@ struct ChunkIn {
 
   // B | C rows into shared memory as [token][row] float32
   __device__ void stage(const Lane<G>& ln, float* tile) const {
-    __syncwarp(ln.mask);  // the previous chunk's reads are done
+    ln.sync();  // the previous chunk's reads are done
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int r = ln.l + i * G;
@@ -191,7 +212,7 @@ struct ChunkIn {
 #pragma unroll
       for (int t = 0; t < kChunk; ++t) tile[t * 2 * kStates + r] = v[t];
     }
-    __syncwarp(ln.mask);
+    ln.sync();
   }
 };
 
@@ -245,7 +266,7 @@ __device__ __forceinline__ float chain_segments(int nv, float X, float a2, Dt dt
 // ---- forward ----------------------------------------------------------------------------------------
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
+__global__ void __launch_bounds__(Lane<G>::kThreads) fwd_summary_kernel(Params p) {
   using Ln = Lane<G>;
   __shared__ __align__(16) float stage[Ln::SB][kStageRow];
   __shared__ float seg_h[Ln::SB][Ln::CS][kStates];
@@ -255,12 +276,12 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
   load_A(p, ln, A);
   const Rows<T, G, kStates> rows(p, ln, false);
   ChunkIn<T, G, kStates> in;
-  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
-  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
+  if (ln.t_stop > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
+  for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
     float dt[kChunk], x[kChunk], u[kChunk];
     in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, false);
+    if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf];
@@ -279,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
   if (ln.half == 0) seg_dt[ln.seg][ln.slot] = dtsum;
   __syncthreads();
   const int nv = valid_segments<G>(p);
-  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
@@ -294,13 +315,13 @@ __global__ void __launch_bounds__(kThreads) fwd_summary_kernel(Params p) {
 }
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
+__global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
   using Ln = Lane<G>;
   __shared__ __align__(16) float stage[Ln::SB][kStageRow];
   __shared__ __align__(16) float seg_in[Ln::SB][Ln::CS][kStates];
   const int nv = valid_segments<G>(p);
   // state entering each segment: the superblock's carry, then the segments' summaries in order
-  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     const bool ok = combine_item<G>(p, q, slot, n, row);
@@ -318,19 +339,19 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
   const Ln ln(p);
   const Rows<T, G, 2 * kStates> rows(p, ln, false);
   ChunkIn<T, G, 2 * kStates> in;
-  if (ln.t_end > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
+  if (ln.t_stop > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
   __syncthreads();
   float A[kHalf], h[kHalf];
   load_A(p, ln, A);
   read8(&seg_in[ln.seg][ln.slot][ln.half * kHalf], h);
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
-  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
+  for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
     const int n = inside(t0, p.L);
     float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
     in.dt_u(p, ln, n, dt, x, u);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, false);
+    if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, false);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -365,7 +386,7 @@ __device__ __forceinline__ Gate gate(bool has_z, float dout, float z) {
 }
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
+__global__ void __launch_bounds__(Lane<G>::kThreads) bwd_summary_kernel(Params p) {
   using Ln = Lane<G>;
   __shared__ __align__(16) float stage[Ln::SB][kStageRow];
   __shared__ __align__(16) float seg_w[Ln::SB][Ln::CS][kStates];
@@ -378,15 +399,15 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   for (int j = 0; j < kHalf; ++j) P[j] = 1.f;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   ChunkIn<T, G, 2 * kStates> in;
-  if (runs) in.fetch(p, ln, rows, ln.t_start, true);
-  for (int64_t t0 = ln.t_start; t0 < ln.t_end; t0 += kChunk) {
-    if (ln.active) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
+  if (ln.t_stop > ln.t_start) in.fetch(p, ln, rows, ln.t_start, true);
+  for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
+    if (ln.active && ln.holds(t0)) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
     float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
     in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
     unpack8(in.dout, g);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
-    if (t0 + kChunk < ln.t_end) in.fetch(p, ln, rows, t0 + kChunk, true);
+    if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, true);
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       float Bt[kHalf], Ct[kHalf];
@@ -407,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
   write8(&seg_w[ln.seg][ln.slot][ln.half * kHalf], W);
   __syncthreads();
   const int nv = valid_segments<G>(p);
-  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
@@ -421,21 +442,25 @@ __global__ void __launch_bounds__(kThreads) bwd_summary_kernel(Params p) {
 #ifndef BWD_MIN_BLOCKS
 #define BWD_MIN_BLOCKS 2
 #endif
+#ifndef BWD_MIN_BLOCKS_96  // blocks of 96 threads (G = 12, 24); at 3, 168 registers would spill
+#define BWD_MIN_BLOCKS_96 2
+#endif
 
 // bwd_main's shared memory (dynamic: past the 48 KB of static shared memory)
 template <int G>
 struct BwdSmem {
   using Ln = Lane<G>;
-  float4 hs[kChunk - 1][2][kThreads];  // the chunk's states h_0..h_6, lane-fastest: no bank conflicts
+  float4 hs[kChunk - 1][2][Ln::kThreads];  // the chunk's states h_0..h_6, lane-fastest: no bank conflicts
   float red[2][Ln::SB][Ln::CS][kRedRow];  // dB | dC terms of two tokens (double-buffered)
   float stage[Ln::SB][kStageRow];
   float bc[Ln::SB][2 * kStates][kPair + 1];  // a segment's dB | dC for 16 tokens (+1: banks)
 };
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Params p) {
+__global__ void __launch_bounds__(Lane<G>::kThreads, Lane<G>::kInWarp ? BWD_MIN_BLOCKS : BWD_MIN_BLOCKS_96)
+    bwd_main_kernel(Params p) {
   using Ln = Lane<G>;
-  constexpr int kOwn = 2 * kStates / G;  // dB | dC entries each lane sums over the segment's channels
+  constexpr int kOwn = (2 * kStates + G - 1) / G;  // dB | dC entries each lane sums over the segment's channels
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<G>& sm = *reinterpret_cast<BwdSmem<G>*>(smem_raw);
   // before and after the walk, hs holds the segments' adjoints and the partial sums
@@ -443,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   auto seg_r = reinterpret_cast<float(*)[Ln::CS][kStates]>(&sm.hs[0][0][0]);
   const int nv = valid_segments<G>(p);
   // adjoint entering each segment from the right: the superblock's carry, then the summaries backwards
-  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     const bool ok = combine_item<G>(p, q, slot, n, row);
@@ -456,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   }
   const Ln ln(p);
   const int tid = threadIdx.x;
-  const int64_t n_chunks = (ln.t_end - ln.t_start + kChunk - 1) / kChunk;
+  const int64_t n_chunks = (ln.t_stop - ln.t_start + kChunk - 1) / kChunk;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   // two chunks' inputs: bwd_main issues the next chunk's loads before it unpacks the current one (5.47
   // against 5.57 ms with one buffer, docs/performance.md session 7; the other kernels are faster with one)
@@ -464,9 +489,13 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   float4 h0cur[2], h0nxt[2];  // the chunks' checkpoints
   auto fetch = [&](ChunkIn<T, G, 2 * kStates>& in, float4 h0[2], int64_t t0) {
     in.fetch(p, ln, rows, t0, true);
-    const float4* src = reinterpret_cast<const float4*>(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)]);
-    h0[0] = src[0];
-    h0[1] = src[1];
+    if (ln.holds(t0)) {
+      const float4* src = reinterpret_cast<const float4*>(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)]);
+      h0[0] = src[0];
+      h0[1] = src[1];
+    } else {
+      h0[0] = h0[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   };
   if (n_chunks > 0) fetch(cur, h0cur, ln.t_start + (n_chunks - 1) * kChunk);
   __syncthreads();
@@ -476,12 +505,17 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   __syncthreads();                                      // before hs overwrites seg_r
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
   float dD = 0.f, dbias = 0.f;
-  // dB | dC entries this lane sums: kOwn consecutive entries of the [B h0 | C h0 | B h1 | C h1] row
+  // dB | dC entries this lane sums: kOwn consecutive entries of the [B h0 | C h0 | B h1 | C h1] row (at
+  // G = 12 and 24 the last lanes own fewer, or none)
   const int own0 = ln.l * kOwn;
+  auto owns = [&](int o) { return kOwn * G == 2 * kStates || own0 + o < 2 * kStates; };
   // ... and their rows of dB | dC. The sums are collected in shared memory for 16 tokens and then
   // written in 32-byte pieces: 2-byte writes per token, scattered over 32 rows, cost more than all of
   // this kernel's arithmetic (docs/gpu_notes.md, session 5)
-  const int own_out = ((own0 % kStates) >= kHalf ? kStates : 0) + (own0 / kStates) * kHalf + own0 % kHalf;
+  auto own_out = [&](int o) {
+    const int q = own0 + o;
+    return ((q % kStates) >= kHalf ? kStates : 0) + (q / kStates) * kHalf + q % kHalf;
+  };
   float(*const bc)[kPair + 1] = sm.bc[ln.seg];
   // token t's dB | dC terms of every channel of the segment (read one token late, so that the
   // shared-memory latency hides behind the next token's arithmetic), summed and written
@@ -490,22 +524,24 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
 #pragma unroll
     for (int c = 0; c < Ln::CS; ++c)
 #pragma unroll
-      for (int o = 0; o < kOwn; ++o) terms[c][o] = sm.red[buf][ln.seg][c][own0 + o];
+      for (int o = 0; o < kOwn; ++o) terms[c][o] = sm.red[buf][ln.seg][c][owns(o) ? own0 + o : 0];
   };
   auto store_terms = [&](Terms& terms, int col) {  // col: the token's place among the 16
+    // a tree over the channels: the upper half (rounded down) onto the lower, until one is left
 #pragma unroll
-    for (int w = Ln::CS / 2; w > 0; w /= 2)
+    for (int w = Ln::CS; w > 1; w = (w + 1) / 2)
 #pragma unroll
-      for (int c = 0; c < w; ++c)
+      for (int c = 0; c + (w + 1) / 2 < w; ++c)
 #pragma unroll
-        for (int o = 0; o < kOwn; ++o) terms[c][o] += terms[c + w][o];
+        for (int o = 0; o < kOwn; ++o) terms[c][o] += terms[c + (w + 1) / 2][o];
 #pragma unroll
-    for (int o = 0; o < kOwn; ++o) bc[own_out + o][col] = terms[0][o];
+    for (int o = 0; o < kOwn; ++o)
+      if (owns(o)) bc[own_out(o)][col] = terms[0][o];
   };
   // the 16 collected tokens from t: item i of 64 is row i / 2, tokens 8 (i % 2) .. + 8, so that two
   // neighbouring lanes fill one 32-byte sector with one instruction
   auto write_bc = [&](int64_t t) {
-    __syncwarp(ln.mask);
+    ln.sync();
     for (int i = ln.l; i < 2 * 2 * kStates; i += G) {
       const int r = i / 2, q = i % 2;
       const int64_t t8 = t + q * kChunk;
@@ -522,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
         store8(static_cast<T*>(p.dBC) + row + t8, n8, v);
       }
     }
-    __syncwarp(ln.mask);
+    ln.sync();
   };
   for (int64_t k = n_chunks - 1; k >= 0; --k) {
     const int64_t t0 = ln.t_start + k * kChunk;
@@ -590,11 +626,11 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
       u[t] = fmaf(gB, dt[t], Dv * gt.dy);                                                         // du
       x[t] = ddt;
       if (t < kChunk - 1) store_terms(terms_next, int(k % 2) * kChunk + t + 1);
-      __syncwarp(ln.mask);  // token t + 1's terms are read: its buffer may take token t - 1's
+      ln.sync();  // token t + 1's terms are read: its buffer may take token t - 1's
       float* mine = sm.red[t & 1][ln.seg][ln.slot] + ln.half * kStates;
       write8(mine, dBt);
       write8(mine + kHalf, dCt);
-      __syncwarp(ln.mask);
+      ln.sync();
     }
     {
       Terms first;
@@ -620,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
   write8(&seg_r[ln.seg][ln.slot][ln.half * kHalf], dA);
   __syncthreads();
   const int64_t blk = int64_t(blockIdx.z) * p.n_sup + blockIdx.x;
-  for (int q = threadIdx.x; q < Ln::CS * kStates; q += kThreads) {
+  for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
@@ -634,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Para
     seg_r[ln.seg][ln.slot][1] = dbias;
   }
   __syncthreads();
-  for (int slot = threadIdx.x; slot < Ln::CS; slot += kThreads) {
+  for (int slot = threadIdx.x; slot < Ln::CS; slot += Ln::kThreads) {
     const int64_t e = int64_t(blockIdx.y) * Ln::CS + slot;
     if (e >= p.E) continue;
     float sD = 0.f, sb = 0.f;
@@ -672,22 +708,25 @@ void row_strides(const Tensors& t, const char* key, const void*& ptr, int64_t& s
 
 template <typename T, int G>
 void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
-  if (kernel == "fwd_summary") fwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
-  else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
-  else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, kThreads, 0, stream>>>(p);
+  constexpr int threads = Lane<G>::kThreads;
+  if (kernel == "fwd_summary") fwd_summary_kernel<T, G><<<grid, threads, 0, stream>>>(p);
+  else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, threads, 0, stream>>>(p);
+  else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, threads, 0, stream>>>(p);
   else if (kernel == "bwd_main") {
     const int bytes = sizeof(BwdSmem<G>);
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_main_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    bwd_main_kernel<T, G><<<grid, kThreads, bytes, stream>>>(p);
+    bwd_main_kernel<T, G><<<grid, threads, bytes, stream>>>(p);
   }
   else TORCH_CHECK(false, "unknown scan kernel ", kernel);
 }
 
 template <typename T>
 void launch_group(int group, const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
-  if (group == 16) launch<T, 16>(kernel, p, grid, stream);
+  if (group == 12) launch<T, 12>(kernel, p, grid, stream);
+  else if (group == 16) launch<T, 16>(kernel, p, grid, stream);
+  else if (group == 24) launch<T, 24>(kernel, p, grid, stream);
   else if (group == 32) launch<T, 32>(kernel, p, grid, stream);
-  else TORCH_CHECK(false, "group must be 16 or 32, got ", group);
+  else TORCH_CHECK(false, "group must be 12, 16, 24 or 32, got ", group);
 }
 
 }  // namespace
