@@ -12,9 +12,10 @@ Sections:
             effective bandwidth (bytes that must move / time) and its ratio to the copy bandwidth, for
             our Triton scan and mamba-ssm's kernel side by side
   mixer     the bidirectional Mamba mixer (methods.ssm.mixer.BiMambaMixer) at the same shapes, forward +
-            backward: ours (the Triton scan where it is faster, the Triton short convolution) against
-            stock (mamba-ssm's scan, causal-conv1d's convolution), time and effective bandwidth over
-            the bytes its stages must move (`mixer_bytes`)
+            backward from a given output gradient: ours (our CUDA or Triton scan by shape, our
+            convolution and token-wise projections) against stock (mamba-ssm's scan, causal-conv1d's
+            convolution, cuBLAS), time and effective bandwidth over the bytes its stages must move
+            (`mixer_bytes`)
   step      a full training step (forward, backward, AdamW) of pixel_mamba_<model> on one image, with
             and without activation checkpointing: time and peak memory; `--find-max` also searches the
             largest image whose step fits the card
@@ -268,13 +269,15 @@ def bench_mixer(shapes, dtype, copy_gbs=None, paths=("ours", "stock")) -> list[d
         mixer = BiMambaMixer(shape.d_model, d_state=D_STATE).cuda()
         x = torch.randn(1, shape.tokens, shape.d_model, device="cuda", requires_grad=True)
         leaves = [x, *mixer.parameters()]
+        # the output's gradient comes given, as from the layer above: no loss kernels inside the timing
+        dout = torch.randn(1, shape.tokens, shape.d_model, device="cuda", dtype=dtype)
         nbytes = mixer_bytes(shape.d_model, shape.channels, mixer.dt_rank, shape.tokens, io_bytes)
         row = shape.row(autocast=str(dtype).replace("torch.", ""))
         for path in paths:
             def step():
                 with torch.autocast("cuda", dtype=dtype):
                     out = mixer(x)
-                torch.autograd.grad(out.float().mean(), leaves)
+                torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
             with scan_path(path):
                 ms = median_ms(step, reps=3)
@@ -287,7 +290,7 @@ def bench_mixer(shapes, dtype, copy_gbs=None, paths=("ours", "stock")) -> list[d
             row["speedup"] = round(row["stock fwd+bwd ms"] / row["ours fwd+bwd ms"], 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del mixer, x
+        del mixer, x, dout
         torch.cuda.empty_cache()
     return rows
 
