@@ -2,7 +2,7 @@
 
 The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
 the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
-between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-7.
+between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-9.
 
 The extension (the scan, and the mixer's convolution and small projections of csrc/channel_ops.cu,
 see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
@@ -59,10 +59,10 @@ def extension():
 
 def groups(channels: int) -> dict[str, int]:
     """Lanes per segment (two per channel slot) of each pass, as measured fastest on the H200
-    (docs/performance.md, session 9). Groups of 12 and 24 lanes leave no lane idle at 6 and 12 channels,
-    Pixel-Mamba's narrowest widths, but theirs span warps and wait at block barriers: at 6 channels that
-    costs fwd_out and bwd_main more than the idle lanes of a group of 16 do. Every pass of a scan holds
-    the same number of segments per block (the passes share their summaries)."""
+    (docs/performance.md, session 9). Groups of 12 and 24 lanes leave no lane idle at 6 and 12
+    channels, Pixel-Mamba's narrowest widths, but those groups span warps and wait at block barriers:
+    at 6 channels that costs fwd_out and bwd_main more than the idle lanes of a group of 16 do. Every
+    pass of a scan holds the same number of segments per block (the passes share their summaries)."""
     if channels <= 6:
         return dict(fwd_summary=12, fwd_out=16, bwd_summary=12, bwd_main=16)
     return dict.fromkeys(KERNELS, 16 if channels <= 8 else 24 if channels <= 12 else 32)
