@@ -26,7 +26,7 @@ from methods.ssm.scan import ScanInfo, register_backend
 TRITON_PRIORITY = 20
 CUDA_SP_PRIORITY = 30
 CUDA_SP_MAX_CHANNELS = 768        # inference; measured, see `cuda_sp_supports`
-CUDA_SP_MAX_TRAIN_CHANNELS = 16   # training; measured, see `cuda_sp_supports`
+CUDA_SP_MAX_TRAIN_CHANNELS = 24   # training; measured, see `cuda_sp_supports`
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
 MAX_STATE = 64
 # The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
@@ -64,13 +64,13 @@ def triton_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 def cuda_sp_supports(info: ScanInfo) -> bool:
     """Calls where the Triton scan would run, the CUDA scan can (it builds, d_state 16), and it was the
     faster of the two at every Pixel-Mamba layer shape of 16 M tissue pixels (H200, docs/performance.md,
-    sessions 6 and 7).
+    sessions 6, 7 and 9).
 
     Forward: faster up to 768 channels (6 x 16.8 M in bf16: 2.95 against 3.78 ms), not at 1536.
-    Forward + backward, the whole bf16 mixer (session 7): faster at 6 channels (31.5 against 40.0 ms)
-    and at 12 (34.4-35.2 against 37.2 ms). Up to 16 channels one thread block holds them all; above 16
-    a block holds only some and adds its share of dB | dC atomically into a float32 buffer, which is
-    slower (24 channels: 37.3-37.9 against 29.0 ms)."""
+    Forward + backward, the whole bf16 mixer: faster at 6 channels (31.5 against 40.0 ms, session 7),
+    at 12 (34.4-35.2 against 37.2 ms) and, since lane groups of 24 (session 9), at 24 (24.2 against
+    27.0-27.2 ms; with groups of 32 it was 35.2). Above 12 channels a block holds only some of them and
+    adds its share of dB | dC atomically into a float32 buffer."""
     most = CUDA_SP_MAX_TRAIN_CHANNELS if info.needs_grad else CUDA_SP_MAX_CHANNELS
     if info.channels > most or not triton_supports(info):
         return False

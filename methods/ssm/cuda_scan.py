@@ -8,7 +8,7 @@ The extension (the scan, and the mixer's convolution and small projections of cs
 see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
 then cached in torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with
 WSI_BENCH_CUDA_SCAN=0, the Triton kernels run instead. "auto" picks the scan where it was measured
-faster: inference up to 768 channels, training up to 16 (methods/ssm/backends_gpu.py,
+faster: inference up to 768 channels, training up to 24 (methods/ssm/backends_gpu.py,
 `cuda_sp_supports`); backend="cuda_sp" asks for it anywhere, gradients included.
 """
 from __future__ import annotations
@@ -59,13 +59,20 @@ def extension():
 
 def groups(channels: int) -> dict[str, int]:
     """Lanes per segment (two per channel slot) of each pass, as measured fastest on the H200
-    (docs/performance.md, session 9). Groups of 12 and 24 lanes leave no lane idle at 6 and 12
-    channels, Pixel-Mamba's narrowest widths, but those groups span warps and wait at block barriers:
-    at 6 channels that costs fwd_out and bwd_main more than the idle lanes of a group of 16 do. Every
-    pass of a scan holds the same number of segments per block (the passes share their summaries)."""
+    (docs/performance.md, session 9). Groups of 12 and 24 lanes leave no lane idle at Pixel-Mamba's
+    widths (3 x 2^k channels), but those groups span warps and wait at block barriers. At 6 channels
+    that costs fwd_out and bwd_main more than the idle lanes of a group of 16 do; at 12 and 24 channels
+    group 24 wins every pass (at 24 the scan's fwd + bwd 14.6 -> 9.1 ms); from 48 channels the forward
+    passes are faster in group 32 and bwd_main in group 24 (7.7 -> 5.4 ms at 48: group 32 sums 16 channel
+    slots per token). Every pass of a scan holds the same number of segments per block (the passes
+    share their summaries)."""
     if channels <= 6:
         return dict(fwd_summary=12, fwd_out=16, bwd_summary=12, bwd_main=16)
-    return dict.fromkeys(KERNELS, 16 if channels <= 8 else 24 if channels <= 12 else 32)
+    if channels <= 8:
+        return dict.fromkeys(KERNELS, 16)
+    if channels <= 12 or 16 < channels <= 24:
+        return dict.fromkeys(KERNELS, 24)
+    return dict(fwd_summary=32, fwd_out=32, bwd_summary=32, bwd_main=32 if channels <= 16 else 24)
 
 
 @dataclass(frozen=True)
