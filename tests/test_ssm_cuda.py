@@ -136,7 +136,7 @@ def test_mixer_bf16_autocast_runs_on_kernels(d_model):
 
 
 def test_auto_picks_the_cuda_scan_where_it_was_faster_and_the_mixer_agrees_with_triton():
-    """"auto" runs the CUDA scan (cuda_sp) for inference up to 768 channels and for training up to 24,
+    """"auto" runs the CUDA scan (cuda_sp) for inference up to 768 channels and for training up to 48,
     the Triton scan elsewhere; a 6-channel mixer's outputs and gradients on the CUDA scan equal those on
     the Triton scan to 1e-4 in fp32."""
     from methods.ssm import cuda_scan
@@ -146,10 +146,11 @@ def test_auto_picks_the_cuda_scan_where_it_was_faster_and_the_mixer_agrees_with_
     info = ScanInfo(1, 6, 16, 5001, torch.device("cuda"), torch.float32, False, False)
     picked = {(channels, grad): _pick_backend("auto", dataclasses.replace(info, channels=channels,
                                                                           needs_grad=grad)).name
-              for channels in (6, 12, 24, 48, 768, 1536) for grad in (False, True)}
+              for channels in (6, 12, 24, 48, 96, 768, 1536) for grad in (False, True)}
     assert picked == {(6, False): "cuda_sp", (6, True): "cuda_sp", (12, False): "cuda_sp",
                       (12, True): "cuda_sp", (24, False): "cuda_sp", (24, True): "cuda_sp",
-                      (48, False): "cuda_sp", (48, True): "triton", (768, False): "cuda_sp", (768, True): "triton",
+                      (48, False): "cuda_sp", (48, True): "cuda_sp", (96, False): "cuda_sp", (96, True): "triton",
+                      (768, False): "cuda_sp", (768, True): "triton",
                       (1536, False): "triton", (1536, True): "triton"}
     torch.manual_seed(0)
     on_cuda = BiMambaMixer(3).cuda()

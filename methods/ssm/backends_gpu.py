@@ -26,7 +26,7 @@ from methods.ssm.scan import ScanInfo, register_backend
 TRITON_PRIORITY = 20
 CUDA_SP_PRIORITY = 30
 CUDA_SP_MAX_CHANNELS = 768        # inference; measured, see `cuda_sp_supports`
-CUDA_SP_MAX_TRAIN_CHANNELS = 24   # training; measured, see `cuda_sp_supports`
+CUDA_SP_MAX_TRAIN_CHANNELS = 48   # training; measured, see `cuda_sp_supports`
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes its tests cover
 MAX_STATE = 64
 # The stock kernel runs one thread block per (batch, channel) and walks the sequence serially, so its
@@ -69,8 +69,9 @@ def cuda_sp_supports(info: ScanInfo) -> bool:
     Forward: faster up to 768 channels (6 x 16.8 M in bf16: 2.95 against 3.78 ms), not at 1536.
     Forward + backward, the whole bf16 mixer: faster at 6 channels (31.5 against 40.0 ms, session 7),
     at 12 (34.4-35.2 against 37.2 ms) and, since lane groups of 24 (session 9), at 24 (24.2 against
-    27.0-27.2 ms; with groups of 32 it was 35.2). Above 12 channels a block holds only some of them and
-    adds its share of dB | dC atomically into a float32 buffer."""
+    27.2 ms; with groups of 32 it was 35.2) and 48 (23.3 against 29.6 ms); 96 and more were not
+    measured. Above 12 channels a block holds only some of them and adds its share of dB | dC
+    atomically into a float32 buffer."""
     most = CUDA_SP_MAX_TRAIN_CHANNELS if info.needs_grad else CUDA_SP_MAX_CHANNELS
     if info.channels > most or not triton_supports(info):
         return False

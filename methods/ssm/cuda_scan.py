@@ -8,7 +8,7 @@ The extension (the scan, and the mixer's convolution and small projections of cs
 see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
 then cached in torch's extension directory, $TORCH_EXTENSIONS_DIR). Without nvcc, or with
 WSI_BENCH_CUDA_SCAN=0, the Triton kernels run instead. "auto" picks the scan where it was measured
-faster: inference up to 768 channels, training up to 24 (methods/ssm/backends_gpu.py,
+faster: inference up to 768 channels, training up to 48 (methods/ssm/backends_gpu.py,
 `cuda_sp_supports`); backend="cuda_sp" asks for it anywhere, gradients included.
 """
 from __future__ import annotations
