@@ -149,8 +149,8 @@ def test_auto_picks_the_cuda_scan_where_it_was_faster_and_the_mixer_agrees_with_
               for channels in (6, 12, 24, 48, 96, 768, 1536) for grad in (False, True)}
     assert picked == {(6, False): "cuda_sp", (6, True): "cuda_sp", (12, False): "cuda_sp",
                       (12, True): "cuda_sp", (24, False): "cuda_sp", (24, True): "cuda_sp",
-                      (48, False): "cuda_sp", (48, True): "cuda_sp", (96, False): "cuda_sp", (96, True): "triton",
-                      (768, False): "cuda_sp", (768, True): "triton",
+                      (48, False): "cuda_sp", (48, True): "cuda_sp", (96, False): "cuda_sp",
+                      (96, True): "triton", (768, False): "cuda_sp", (768, True): "triton",
                       (1536, False): "triton", (1536, True): "triton"}
     torch.manual_seed(0)
     on_cuda = BiMambaMixer(3).cuda()

@@ -148,8 +148,8 @@ def test_cuda_scan_matches_oracle_with_every_pass_in_one_group(group, channels, 
     from methods.ssm import cuda_scan
 
     monkeypatch.setattr(cuda_scan, "groups", lambda channels: dict.fromkeys(cuda_scan.KERNELS, group))
-    _check(2, channels, 2077, 16, torch.float32, 1e-4, target_programs=24, seed=group, monkeypatch=monkeypatch,
-           impl="cuda")
+    _check(2, channels, 2077, 16, torch.float32, 1e-4, target_programs=24, seed=group,
+           monkeypatch=monkeypatch, impl="cuda")
 
 
 def test_cuda_scan_reads_misaligned_rows(monkeypatch):
