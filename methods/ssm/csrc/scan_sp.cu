@@ -11,9 +11,10 @@
 // Geometry. A group of G lanes (G = 12, 16, 24 or 32) holds G/2 channels of one segment of seg_len
 // tokens (lane = 2 x channel slot + half). A block holds consecutive segments: a superblock, of 128
 // threads where G divides a warp, else (G = 12, 24: Pixel-Mamba's widths are 3 x 2^k channels) of 96,
-// whose groups span warps and wait for each other at block barriers; either way a group has no idle
-// lane at 6 or 12 channels. Each pass combines its segments' summaries inside the block, so the carry
-// between superblocks (methods/ssm/triton_scan.py's _carry_kernel) scans n_seg / (threads / G) entries.
+// whose groups span warps and wait for each other at block barriers; those leave no lane idle at 6, 12
+// or 24 channels (methods/ssm/cuda_scan.py's `groups` picks each pass's G). Each pass combines its
+// segments' summaries inside the block, so the carry between superblocks (methods/ssm/triton_scan.py's
+// _carry_kernel) scans n_seg / (threads / G) entries.
 //
 // Passes (all state arithmetic in float32):
 //   fwd_summary: end state of each segment from a zero start (hseg) and its sum of dt (dtseg); the
