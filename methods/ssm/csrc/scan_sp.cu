@@ -85,7 +85,7 @@ struct Lane {
   int seg, slot, half, l, b;
   int64_t e, ec, row, s, t_start, t_end, t_stop;     // ec: e clamped to a real channel (for addresses)
   bool active;
-  unsigned mask;                                     // the warp's lanes in the group, for shuffles
+  unsigned mask;                                     // the warp's lanes in the group (shuffles, __syncwarp)
 
   __device__ explicit Lane(const Params& p) {
     const int tid = threadIdx.x;
@@ -440,11 +440,8 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) bwd_summary_kernel(Params p
   }
 }
 
-#ifndef BWD_MIN_BLOCKS
+#ifndef BWD_MIN_BLOCKS  // at 3 (blocks of 128 or 96 threads), 168 registers a thread would spill
 #define BWD_MIN_BLOCKS 2
-#endif
-#ifndef BWD_MIN_BLOCKS_96  // blocks of 96 threads (G = 12, 24); at 3, 168 registers would spill
-#define BWD_MIN_BLOCKS_96 2
 #endif
 
 // bwd_main's shared memory (dynamic: past the 48 KB of static shared memory)
@@ -458,8 +455,7 @@ struct BwdSmem {
 };
 
 template <typename T, int G>
-__global__ void __launch_bounds__(Lane<G>::kThreads, Lane<G>::kInWarp ? BWD_MIN_BLOCKS : BWD_MIN_BLOCKS_96)
-    bwd_main_kernel(Params p) {
+__global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Params p) {
   using Ln = Lane<G>;
   constexpr int kOwn = (2 * kStates + G - 1) / G;  // dB | dC entries each lane sums over the segment's channels
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -710,6 +706,9 @@ void row_strides(const Tensors& t, const char* key, const void*& ptr, int64_t& s
 template <typename T, int G>
 void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int threads = Lane<G>::kThreads;
+  // methods/ssm/cuda_scan.py restates the segments a block holds (THREADS // group) to size the carries
+  TORCH_CHECK(p.n_sup == (p.n_seg + Lane<G>::SB - 1) / Lane<G>::SB, "n_sup ", p.n_sup, " does not fit ", p.n_seg,
+              " segments in blocks of ", Lane<G>::SB, " (group ", G, ")");
   if (kernel == "fwd_summary") fwd_summary_kernel<T, G><<<grid, threads, 0, stream>>>(p);
   else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, threads, 0, stream>>>(p);
   else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, threads, 0, stream>>>(p);
