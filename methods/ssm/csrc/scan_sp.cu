@@ -623,7 +623,8 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
       u[t] = fmaf(gB, dt[t], Dv * gt.dy);                                                         // du
       x[t] = ddt;
       if (t < kChunk - 1) store_terms(terms_next, int(k % 2) * kChunk + t + 1);
-      ln.sync();  // token t + 1's terms are read: its buffer may take token t - 1's
+      // red[t & 1] was last read for token t + 2 (or the previous chunk's token 0), before the barrier
+      // that closed that token: with two buffers one barrier a token suffices
       float* mine = sm.red[t & 1][ln.seg][ln.slot] + ln.half * kStates;
       write8(mine, dBt);
       write8(mine + kHalf, dCt);
