@@ -152,6 +152,32 @@ def test_cuda_scan_matches_oracle_with_every_pass_in_one_group(group, channels, 
            monkeypatch=monkeypatch, impl="cuda")
 
 
+@pytest.mark.parametrize("n", [1, 300, 8197])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_carry_matches_a_serial_float64_chain(n, reverse):
+    """The carry between superblocks, with stretches of one and of several superblocks per thread (8,197 of
+    them: more than 256 threads hold), against the chain walked one superblock at a time."""
+    from methods.ssm import cuda_scan
+
+    if cuda_scan.extension() is None:
+        pytest.skip("the CUDA scan does not build here")
+    gen = torch.Generator().manual_seed(n)
+    channels, rows = 3, 6
+    summary = torch.randn(rows, n, 16, generator=gen)
+    dtsum = torch.rand(rows, n, generator=gen) * 0.05
+    A = -torch.rand(channels, 16, generator=gen) - 0.1
+    carry = torch.empty(rows, n + 1, 16, device="cuda")
+    cuda_scan.extension().carry(summary.cuda(), dtsum.cuda(), A.cuda(), carry, reverse)
+    decay = torch.exp(dtsum.double()[:, :, None] * A.double().repeat(rows // channels, 1)[:, None, :])
+    ref = torch.zeros(rows, n + 1, 16, dtype=torch.float64)
+    steps = range(n - 1, -1, -1) if reverse else range(n)
+    S = torch.zeros(rows, 16, dtype=torch.float64)
+    for k in steps:
+        S = decay[:, k] * S + summary.double()[:, k]
+        ref[:, k if reverse else k + 1] = S
+    assert torch.allclose(carry.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_scan_reads_misaligned_rows(monkeypatch):
     """Rows that do not start on 16 bytes (an odd length in one buffer) take the scalar loads."""
     _check(1, 6, 1001, 16, torch.bfloat16, 1e-2, target_programs=16, seed=3, monkeypatch=monkeypatch,

@@ -1,8 +1,8 @@
 """Sequence-parallel selective scan in CUDA (methods/ssm/csrc/scan_sp.cu), for d_state 16.
 
 The same passes as the Triton scan (methods/ssm/triton_scan.py, kept beside it as the reference and as
-the fallback), with a channel's states in two lanes' registers instead of spread over a warp. The carry
-between superblocks is the Triton scan's `_carry_kernel`. Timings: docs/performance.md, sessions 5-9.
+the fallback), with a channel's states in two lanes' registers instead of spread over a warp. Timings:
+docs/performance.md, sessions 5-10.
 
 The extension (the scan, and the mixer's convolution and small projections of csrc/channel_ops.cu,
 see methods/ssm/cuda_channel.py) is compiled with torch.utils.cpp_extension on first use (about 90 s,
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import triton
 
-from methods.ssm.triton_scan import _carry_kernel, _check_inputs, scan_outputs
+from methods.ssm.triton_scan import _check_inputs, scan_outputs
 
 SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
 # one extension: the scan, the channel ops (methods/ssm/cuda_channel.py) and their Python bindings
@@ -108,9 +108,7 @@ def _run(kernel: str, geo: Geometry, tensors: dict, softplus: bool, atomic_bc: b
 def _carry(summary, dtsum, A, geo: Geometry, reverse: bool):
     rows = geo.batch * geo.channels
     carry = torch.empty(rows, geo.n_sup + 1, STATES, device=summary.device, dtype=torch.float32)
-    block = max(16, min(256, triton.next_power_of_2(geo.n_sup)))
-    _carry_kernel[(rows,)](summary, dtsum, A, carry, geo.channels, STATES, geo.n_sup, REVERSE=reverse,
-                           BS=block, BN=STATES)
+    extension().carry(summary, dtsum, A, carry, reverse)
     return carry
 
 

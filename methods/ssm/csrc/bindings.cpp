@@ -7,6 +7,7 @@
 
 // scan_sp.cu
 void run(const std::string& kernel, const std::map<std::string, at::Tensor>& t, const std::map<std::string, int64_t>& n);
+void carry(const at::Tensor& summary, const at::Tensor& dtsum, const at::Tensor& A, at::Tensor& carry, bool reverse);
 // channel_ops.cu
 void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y);
 void conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& dy,
@@ -19,6 +20,7 @@ void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "run one pass of the sequence-parallel selective scan");
+  m.def("carry", &carry, "the scan's carry between superblocks");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU");
   m.def("conv_bwd", &conv_bwd, "its backward (gradient dy + dy2)");
   m.def("linear_supports", &linear_supports, "whether a K -> N linear map is compiled");

@@ -13,8 +13,8 @@
 // threads where G divides a warp, else (G = 12, 24: Pixel-Mamba's widths are 3 x 2^k channels) of 96,
 // whose groups span warps and wait for each other at block barriers; those leave no lane idle at 6, 12
 // or 24 channels (methods/ssm/cuda_scan.py's `groups` picks each pass's G). Each pass combines its
-// segments' summaries inside the block, so the carry between superblocks (methods/ssm/triton_scan.py's
-// _carry_kernel) scans n_seg / (threads / G) entries.
+// segments' summaries inside the block, so the carry between superblocks (carry_kernel below) scans
+// n_seg / (threads / G) entries.
 //
 // Passes (all state arithmetic in float32):
 //   fwd_summary: end state of each segment from a zero start (hseg) and its sum of dt (dtseg); the
@@ -38,6 +38,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <string>
 
@@ -681,6 +682,68 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   }
 }
 
+// ---- carry between superblocks ----------------------------------------------------------------------
+
+constexpr int kCarryThreads = 256;
+
+// One (row, state) chain of superblock summaries: S_k = a_k S_{k-1} + x_k with a_k = exp(A dtsum_k), in
+// superblock order (forward: carry[k + 1] = S_k, carry[0] = 0, the state entering each superblock) or
+// backwards (carry[k] = S_k, carry[n] = 0, the adjoint entering superblock k - 1 from the right).
+// Each thread composes a stretch of the chain, a block scan of the stretches gives each its entering
+// value, and each walks its stretch again writing the carries. (The Triton scan's _carry_kernel runs a
+// row's 16 states in one program and walked 8,192 superblocks in 32 tiles: 0.09-0.17 ms a call, where
+// this takes ~0.01: docs/performance.md, session 10.)
+template <bool kReverse>
+__global__ void __launch_bounds__(kCarryThreads) carry_kernel(const float* summary, const float* dtsum, const float* A,
+                                                             float* carry, int E, int n) {
+  const int64_t row = blockIdx.x;
+  const int state = blockIdx.y;
+  const float a2 = A[(row % E) * kStates + state] * kLog2e;
+  const int per = (n + kCarryThreads - 1) / kCarryThreads;
+  const int k0 = min(n, int(threadIdx.x) * per), k1 = min(n, k0 + per);
+  auto entry = [&](int k) { return kReverse ? n - 1 - k : k; };  // the summary of step k of the chain
+  auto step = [&](int k, float& a, float& x) {
+    const int64_t i = row * n + entry(k);
+    a = ex2(a2 * dtsum[i]);
+    x = summary[i * kStates + state];
+  };
+  float P = 1.f, X = 0.f;  // the stretch as one map S -> P S + X
+  for (int k = k0; k < k1; ++k) {
+    float a, x;
+    step(k, a, x);
+    X = fmaf(a, X, x);
+    P *= a;
+  }
+  // inclusive scan of the threads' (P, X) in the warp, then over the warps' totals
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const float Pu = __shfl_up_sync(0xffffffffu, P, d), Xu = __shfl_up_sync(0xffffffffu, X, d);
+    if (lane >= d) {
+      X = fmaf(P, Xu, X);
+      P *= Pu;
+    }
+  }
+  __shared__ float warp_P[kCarryThreads / 32], warp_X[kCarryThreads / 32];
+  if (lane == 31) {
+    warp_P[warp] = P;
+    warp_X[warp] = X;
+  }
+  __syncthreads();
+  float S = 0.f;  // the value entering the warp's first stretch, then this thread's
+  for (int w = 0; w < warp; ++w) S = fmaf(warp_P[w], S, warp_X[w]);
+  const float Pe = __shfl_up_sync(0xffffffffu, P, 1), Xe = __shfl_up_sync(0xffffffffu, X, 1);
+  if (lane > 0) S = fmaf(Pe, S, Xe);
+  float* out = carry + row * (int64_t(n) + 1) * kStates + state;
+  for (int k = k0; k < k1; ++k) {
+    float a, x;
+    step(k, a, x);
+    S = fmaf(a, S, x);
+    out[int64_t(kReverse ? entry(k) : entry(k) + 1) * kStates] = S;
+  }
+  if (threadIdx.x == 0) out[int64_t(kReverse ? n : 0) * kStates] = 0.f;
+}
+
 // ---- host -------------------------------------------------------------------------------------------
 
 using Tensors = std::map<std::string, at::Tensor>;
@@ -788,5 +851,23 @@ void run(const std::string& kernel, const Tensors& t, const std::map<std::string
   if (u.scalar_type() == at::kFloat) launch_group<float>(group, kernel, p, grid, stream);
   else if (u.scalar_type() == at::kBFloat16) launch_group<__nv_bfloat16>(group, kernel, p, grid, stream);
   else TORCH_CHECK(false, "the CUDA scan runs float32 and bfloat16, got ", u.scalar_type());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The carry between superblocks: summary (rows, n, 16), dtsum (rows, n), A (E, 16) float32 -> carry
+// (rows, n + 1, 16), see carry_kernel.
+void carry(const at::Tensor& summary, const at::Tensor& dtsum, const at::Tensor& A, at::Tensor& carry, bool reverse) {
+  const c10::cuda::CUDAGuard guard(summary.device());
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&summary, &dtsum, &A, &carry})
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->is_contiguous(), "the carry takes contiguous float32 tensors");
+  const int64_t rows = summary.size(0), n = summary.size(1);
+  TORCH_CHECK(summary.size(2) == kStates && A.size(1) == kStates && dtsum.size(0) == rows && dtsum.size(1) == n &&
+                  carry.size(0) == rows && carry.size(1) == n + 1 && rows % A.size(0) == 0,
+              "carry: shapes do not match");
+  const dim3 grid(unsigned(rows), kStates);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto kernel = reverse ? carry_kernel<true> : carry_kernel<false>;
+  kernel<<<grid, kCarryThreads, 0, stream>>>(summary.data_ptr<float>(), dtsum.data_ptr<float>(), A.data_ptr<float>(),
+                                             carry.data_ptr<float>(), int(A.size(0)), int(n));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
