@@ -171,10 +171,14 @@ class BiMambaMixer(_TwoBranchMamba):
         dtype = _matmul_dtype(hidden)
         h = hidden.transpose(1, 2).to(dtype)
         w_in, w_out = self.in_proj.weight.to(dtype), self.out_proj.weight.to(dtype)
-        y = self._channel_first_branch(linear(h, w_in), "", linear, dtype)
+        # both in_proj maps first: the GPU runs them while Python prepares the branches' weights (at
+        # the start of a step it would otherwise wait for each small kernel, docs/gpu_notes.md session 10)
+        xz = linear(h, w_in)
+        xz_b = linear(h, w_in, reverse=True) if self.bidirectional else None
+        y = self._channel_first_branch(xz, "", linear, dtype)
         if not self.bidirectional:
             return linear(y, w_out, token_major_out=True).transpose(1, 2)
-        y_b = self._channel_first_branch(linear(h, w_in, reverse=True), "_b", linear, dtype)
+        y_b = self._channel_first_branch(xz_b, "_b", linear, dtype)
         half = w_out / 2  # out_proj((y + flip(y_b)) / 2) as two maps: the flip is a read order
         out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
         return out.transpose(1, 2)
