@@ -684,15 +684,15 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
 
 // ---- carry between superblocks ----------------------------------------------------------------------
 
-constexpr int kCarryThreads = 256;
+constexpr int kCarryThreads = 1024;  // 8,192 superblocks (16.8 M tokens): stretches of 8
 
 // One (row, state) chain of superblock summaries: S_k = a_k S_{k-1} + x_k with a_k = exp(A dtsum_k), in
 // superblock order (forward: carry[k + 1] = S_k, carry[0] = 0, the state entering each superblock) or
 // backwards (carry[k] = S_k, carry[n] = 0, the adjoint entering superblock k - 1 from the right).
 // Each thread composes a stretch of the chain, a block scan of the stretches gives each its entering
 // value, and each walks its stretch again writing the carries. (The Triton scan's _carry_kernel runs a
-// row's 16 states in one program and walked 8,192 superblocks in 32 tiles: 0.09-0.17 ms a call, where
-// this takes ~0.01: docs/performance.md, session 10.)
+// row's 16 states in one program and walks 8,192 superblocks in 32 serial tiles: 0.09-0.17 ms a call at
+// 6 channels x 16.8 M tokens, against 0.03 here with 256 threads: docs/performance.md, session 10.)
 template <bool kReverse>
 __global__ void __launch_bounds__(kCarryThreads) carry_kernel(const float* summary, const float* dtsum, const float* A,
                                                              float* carry, int E, int n) {
