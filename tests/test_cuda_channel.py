@@ -73,6 +73,42 @@ def test_linear_matches_float64_matmuls():
     assert not cuda_channel.linear_supports(torch.zeros(1, 6, 8, device="cuda"), torch.zeros(38, 6))
 
 
+def _token_major(x):
+    """The values of x (batch, C, L) as a view of (batch, L, C) memory."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("length", [4096, 4099])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("k_in,n_out", [(3, 12), (6, 3), (12, 6)])
+def test_linear_8_token_kernels_match_float64(k_in, n_out, dtype, tol, reverse, length):
+    """The layouts that take the 8-token kernels: in_proj's (x and dx token-major, y and dy channel-first)
+    and out_proj's (x and dx channel-first, y and dy token-major), at a length of whole chunks of 8 and
+    one with a partial chunk and rows that do not start on 16 bytes, read and written backwards too."""
+    from methods.ssm import cuda_channel
+
+    gen = torch.Generator().manual_seed(k_in * length)
+    batch = 2
+    x64 = torch.randn(batch, k_in, length, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(n_out, k_in, generator=gen, dtype=torch.float64)
+    dy64 = torch.randn(batch, n_out, length, generator=gen, dtype=torch.float64)
+    src = x64.flip(-1) if reverse else x64
+    want = dict(y=torch.einsum("nk,bkl->bnl", w64, src),
+                dx=torch.einsum("nk,bnl->bkl", w64, dy64).flip(-1) if reverse else torch.einsum("nk,bnl->bkl", w64, dy64),
+                dw=torch.einsum("bnl,bkl->nk", dy64, src))
+    x_token_major = k_in < n_out  # in_proj widens, out_proj narrows
+    x = x64.to("cuda", dtype)
+    dy = dy64.to("cuda", dtype)
+    x, dy = (_token_major(x), dy) if x_token_major else (x, _token_major(dy))
+    w = w64.to("cuda", torch.float32)
+    y = cuda_channel.linear_forward(x, w, reverse, token_major_out=not x_token_major)
+    dx, dw = cuda_channel.linear_backward(x, w, dy, reverse)
+    assert dx.stride() == x.stride()
+    for name, got in (("y", y), ("dx", dx), ("dw", dw)):
+        assert rel_err(got, want[name]) < tol, name
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_scan_writes_its_gradients_into_slices(batch):
     """ddelta, dB | dC and dz into slices of two buffers (whole rows at batch 1, through copies at 2)

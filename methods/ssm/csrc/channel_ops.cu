@@ -7,8 +7,8 @@
 // and a tile of tokens cannot pass its neighbour the convolution's window, so at 6 channels x 16.8 M
 // tokens on an H200 the convolution's backward took 1.12 ms and in_proj's 1.0 ms where their bytes
 // need 0.15 (docs/gpu_notes.md, session 8). Here a thread owns whole tokens of every channel (linear
-// maps) or 8 consecutive tokens of one row (convolution), so nothing is padded and every op is
-// bound by memory.
+// maps, 8 at a time where the layouts allow) or 8 consecutive tokens of one row (convolution), so
+// nothing is padded and every op is bound by memory.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -169,8 +169,9 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(ConvParams p) {
 // ---- linear maps with few weights ---------------------------------------------------------------------
 // y[b, n, t] = sum_k w[n, k] x[b, k, src(t)], src(t) = t or L - 1 - t (Vision Mamba's flipped branch
 // reads its input backwards and writes its output backwards at no cost). Any strides: x, y, dy and dx
-// may be channel-first or token-major. A thread takes one token at a time; all K x N weights and, in
-// the backward, the K x N sums of dw are in its registers.
+// may be channel-first or token-major. These kernels take one token at a time and hold all K x N weights
+// and, in the backward, the K x N sums of dw in registers; the layouts of the mixer's in_proj and
+// out_proj run the 8-token kernels further down instead.
 
 constexpr int kLinThreads = 256;
 
@@ -218,6 +219,16 @@ __global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
   }
 }
 
+// every block's dw sums into its slot of dw_part
+template <int K, int N>
+__device__ __forceinline__ void write_dw(const LinParams& p, float (&dw)[N * K]) {
+  __shared__ float total[N * K];
+  block_sum<N * K>(dw, total);
+  __syncthreads();
+  const int64_t slot = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int i = threadIdx.x; i < N * K; i += kLinThreads) p.dw_part[slot * N * K + i] = total[i];
+}
+
 // dx[b, k, src(t)] = sum_n w[n, k] dy[b, n, t]; dw[n, k] = sum_t dy[b, n, t] x[b, k, src(t)], summed per
 // block into dw_part[batch x blockIdx.x]
 template <typename T, int K, int N>
@@ -243,11 +254,229 @@ __global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
       dx[k * p.dx_k + src * p.dx_t] = from_f<T>(acc);
     }
   }
-  __shared__ float total[N * K];
-  block_sum<N * K>(dw, total);
+  write_dw<K, N>(p, dw);
+}
+
+// ---- the same maps, 8 tokens a thread ---------------------------------------------------------------
+// Where one side is channel-first (rows of tokens) and the other token-major (the K or N channels of a
+// token side by side), as in_proj and out_proj are in the mixer, a thread takes 8 consecutive tokens:
+// 16-byte loads and stores instead of one 2-byte access per channel and token (the kernels above ran
+// at 55-65% of the copy bandwidth at 16.8 M tokens, docs/performance.md session 10). The token-major
+// side is held as a [channels][8] tile, the channel-first side is walked one row at a time, and the
+// weights sit in shared memory (read as broadcasts, each used for 8 tokens), so a thread holds no K x N
+// array but the dw sums.
+
+// v in place, or reversed where dir < 0. Both branches index with constants: an index chosen at run time
+// (v[dir > 0 ? i : 7 - i]) would move the arrays to local memory
+__device__ __forceinline__ void orient(int dir, const float f[kChunk], float v[kChunk]) {
+  if (dir > 0) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = f[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = f[kChunk - 1 - i];
+  }
+}
+
+// chunk positions: token i of the chunk sits at s0 + dir * i (dir -1: read or written backwards)
+struct Span {
+  int64_t s0;
+  int dir, n;  // n: the chunk's tokens inside the sequence
+  __device__ int64_t at(int i) const { return s0 + dir * i; }
+  __device__ int64_t lowest() const { return dir > 0 ? s0 : s0 - (kChunk - 1); }  // of a whole chunk
+};
+
+// 8 tokens of one channel-first row
+template <typename T>
+__device__ __forceinline__ void load_row(const T* row, Span sp, float v[kChunk]) {
+  if (sp.n == kChunk && aligned16(row + sp.lowest())) {
+    float f[kChunk];
+    unpack8(fetch8(row + sp.lowest(), kChunk, true), f);
+    orient(sp.dir, f, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = i < sp.n ? to_f(row[sp.at(i)]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_row(T* row, Span sp, const float v[kChunk]) {
+  if (sp.n == kChunk && aligned16(row + sp.lowest())) {
+    float f[kChunk];
+    orient(sp.dir, v, f);
+    store8(row + sp.lowest(), kChunk, f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+      if (i < sp.n) row[sp.at(i)] = from_f<T>(v[i]);
+  }
+}
+
+// 8 tokens of a token-major view of M channels (channel stride 1, token stride M)
+template <typename T, int M>
+__device__ __forceinline__ void load_tile(const T* base, Span sp, float (&v)[M][kChunk]) {
+  const T* lo = base + sp.lowest() * M;
+  if (sp.n == kChunk && aligned16(lo)) {
+    uint4 raw[M * kChunk * sizeof(T) / 16];
+#pragma unroll
+    for (int w = 0; w < int(M * kChunk * sizeof(T) / 16); ++w) raw[w] = reinterpret_cast<const uint4*>(lo)[w];
+    const T* e = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float f[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) f[i] = to_f(e[i * M + m]);
+      orient(sp.dir, f, v[m]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+#pragma unroll
+      for (int m = 0; m < M; ++m) v[m][i] = i < sp.n ? to_f(base[sp.at(i) * M + m]) : 0.f;
+  }
+}
+
+template <typename T, int M>
+__device__ __forceinline__ void store_tile(T* base, Span sp, const float (&v)[M][kChunk]) {
+  T* lo = base + sp.lowest() * M;
+  if (sp.n == kChunk && aligned16(lo)) {
+    uint4 raw[M * kChunk * sizeof(T) / 16];
+    T* e = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float f[kChunk];
+      orient(sp.dir, v[m], f);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) e[i * M + m] = from_f<T>(f[i]);
+    }
+#pragma unroll
+    for (int w = 0; w < int(M * kChunk * sizeof(T) / 16); ++w) reinterpret_cast<uint4*>(lo)[w] = raw[w];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (i < sp.n) base[sp.at(i) * M + m] = from_f<T>(v[m][i]);
+  }
+}
+
+// the block's copy of the (N, K) weights
+template <int K, int N>
+__device__ __forceinline__ void stage_weights(const float* src, float* w) {
+  for (int i = threadIdx.x; i < N * K; i += blockDim.x) w[i] = src[i];
   __syncthreads();
-  const int64_t slot = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
-  for (int i = threadIdx.x; i < N * K; i += kLinThreads) p.dw_part[slot * N * K + i] = total[i];
+}
+
+// the chunks of 8 tokens of a batch element, grid-stride: sp_t in token order, sp_src at src(t)
+template <typename F>
+__device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
+  for (int64_t t0 = (int64_t(blockIdx.x) * kLinThreads + threadIdx.x) * kChunk; t0 < p.L;
+       t0 += int64_t(gridDim.x) * kLinThreads * kChunk) {
+    const int n = inside(t0, p.L);
+    f(Span{t0, 1, n}, p.reverse ? Span{p.L - 1 - t0, -1, n} : Span{t0, 1, n});
+  }
+}
+
+// x token-major (K channels), y channel-first: in_proj
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear8_fwd_rows_kernel(LinParams p) {
+  __shared__ float w[N * K];
+  stage_weights<K, N>(p.w, w);
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
+  for_chunks(p, [&](Span sp_t, Span sp_src) {
+    float xv[K][kChunk];
+    load_tile<T, K>(x, sp_src, xv);
+#pragma unroll
+    for (int o = 0; o < N; ++o) {
+      float acc[kChunk] = {};
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) acc[i] = fmaf(w[o * K + k], xv[k][i], acc[i]);
+      store_row(y + o * p.y_n, sp_t, acc);
+    }
+  });
+}
+
+// x channel-first, y token-major (N channels): out_proj
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear8_fwd_tile_kernel(LinParams p) {
+  __shared__ float w[N * K];
+  stage_weights<K, N>(p.w, w);
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
+  for_chunks(p, [&](Span sp_t, Span sp_src) {
+    float yv[N][kChunk] = {};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float xk[kChunk];
+      load_row(x + k * p.x_k, sp_src, xk);
+#pragma unroll
+      for (int o = 0; o < N; ++o)
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) yv[o][i] = fmaf(w[o * K + k], xk[i], yv[o][i]);
+    }
+    store_tile<T, N>(y, sp_t, yv);
+  });
+}
+
+// x and dx token-major (K channels), dy channel-first: in_proj's backward
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear8_bwd_rows_kernel(LinParams p) {
+  __shared__ float w[N * K];
+  stage_weights<K, N>(p.w, w);
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
+  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
+  float dw[N * K] = {};
+  for_chunks(p, [&](Span sp_t, Span sp_src) {
+    float xv[K][kChunk], dxv[K][kChunk] = {};
+    load_tile<T, K>(x, sp_src, xv);
+#pragma unroll
+    for (int o = 0; o < N; ++o) {
+      float gv[kChunk];
+      load_row(g + o * p.y_n, sp_t, gv);
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          dxv[k][i] = fmaf(w[o * K + k], gv[i], dxv[k][i]);
+          dw[o * K + k] = fmaf(gv[i], xv[k][i], dw[o * K + k]);
+        }
+    }
+    store_tile<T, K>(dx, sp_src, dxv);
+  });
+  write_dw<K, N>(p, dw);
+}
+
+// x and dx channel-first, dy token-major (N channels): out_proj's backward
+template <typename T, int K, int N>
+__global__ void __launch_bounds__(kLinThreads) linear8_bwd_tile_kernel(LinParams p) {
+  __shared__ float w[N * K];
+  stage_weights<K, N>(p.w, w);
+  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
+  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
+  float dw[N * K] = {};
+  for_chunks(p, [&](Span sp_t, Span sp_src) {
+    float gv[N][kChunk];
+    load_tile<T, N>(g, sp_t, gv);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float xk[kChunk], dxk[kChunk] = {};
+      load_row(x + k * p.x_k, sp_src, xk);
+#pragma unroll
+      for (int o = 0; o < N; ++o)
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          dxk[i] = fmaf(w[o * K + k], gv[o][i], dxk[i]);
+          dw[o * K + k] = fmaf(gv[o][i], xk[i], dw[o * K + k]);
+        }
+      store_row(dx + k * p.dx_k, sp_src, dxk);
+    }
+  });
+  write_dw<K, N>(p, dw);
 }
 
 // ---- host -------------------------------------------------------------------------------------------
@@ -368,6 +597,9 @@ bool by_shape(int K, int N, F&& f) {
          is(integral_constant<int, 12>{}, integral_constant<int, 6>{});
 }
 
+// a view's (channel, token) strides are those of M channels side by side per token
+bool token_major(int64_t channel_stride, int64_t token_stride, int M) { return channel_stride == 1 && token_stride == M; }
+
 LinParams lin_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, bool reverse) {
   TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2), "x, y: (batch, *, L)");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(1) && w.size(1) == x.size(1),
@@ -404,7 +636,14 @@ void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool re
   const dim3 grid(unsigned(linear_blocks(p.L)), unsigned(x.size(0)));
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
     by_dtype(x, [&](auto t) {
-      linear_fwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      using T = decltype(t);
+      constexpr int K = decltype(k)::value, N = decltype(n)::value;
+      if (p.y_t == 1 && token_major(p.x_k, p.x_t, K))
+        linear8_fwd_rows_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      else if (p.x_t == 1 && token_major(p.y_n, p.y_t, N))
+        linear8_fwd_tile_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      else
+        linear_fwd_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
     });
   });
   TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
@@ -427,7 +666,18 @@ void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, 
               "bad dw_part");
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
     by_dtype(x, [&](auto t) {
-      linear_bwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      using T = decltype(t);
+      constexpr int K = decltype(k)::value, N = decltype(n)::value;
+      if constexpr (K <= 6) {  // the rows kernel holds x and dx as [K][8] tiles: at K = 12 it would spill
+        if (p.y_t == 1 && token_major(p.x_k, p.x_t, K) && token_major(p.dx_k, p.dx_t, K)) {
+          linear8_bwd_rows_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+          return;
+        }
+      }
+      if (p.x_t == 1 && p.dx_t == 1 && token_major(p.y_n, p.y_t, N))
+        linear8_bwd_tile_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      else
+        linear_bwd_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
     });
   });
   TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
