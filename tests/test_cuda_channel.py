@@ -82,10 +82,11 @@ def _token_major(x):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("k_in,n_out", [(3, 12), (6, 3), (12, 6)])
-def test_linear_8_token_kernels_match_float64(k_in, n_out, dtype, tol, reverse, length):
-    """The layouts that take the 8-token kernels: in_proj's (x and dx token-major, y and dy channel-first)
-    and out_proj's (x and dx channel-first, y and dy token-major), at a length of whole chunks of 8 and
-    one with a partial chunk and rows that do not start on 16 bytes, read and written backwards too."""
+def test_linear_maps_in_the_mixer_layouts_match_float64(k_in, n_out, dtype, tol, reverse, length):
+    """The layouts whose forward takes the 8-token kernels: in_proj's (x and dx token-major, y and dy
+    channel-first) and out_proj's (x and dx channel-first, y and dy token-major), at a length of whole
+    chunks of 8 and one with a partial chunk and rows that do not start on 16 bytes, read and written
+    backwards too; the backward (one-token kernel) on the same layouts."""
     from methods.ssm import cuda_channel
 
     gen = torch.Generator().manual_seed(k_in * length)

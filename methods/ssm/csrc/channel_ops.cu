@@ -7,8 +7,8 @@
 // and a tile of tokens cannot pass its neighbour the convolution's window, so at 6 channels x 16.8 M
 // tokens on an H200 the convolution's backward took 1.12 ms and in_proj's 1.0 ms where their bytes
 // need 0.15 (docs/gpu_notes.md, session 8). Here a thread owns whole tokens of every channel (linear
-// maps, 8 at a time where the layouts allow) or 8 consecutive tokens of one row (convolution), so
-// nothing is padded and every op is bound by memory.
+// maps, 8 at a time in the forward where the layouts allow) or 8 consecutive tokens of one row
+// (convolution), so nothing is padded and every op is bound by memory.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(ConvParams p) {
 // y[b, n, t] = sum_k w[n, k] x[b, k, src(t)], src(t) = t or L - 1 - t (Vision Mamba's flipped branch
 // reads its input backwards and writes its output backwards at no cost). Any strides: x, y, dy and dx
 // may be channel-first or token-major. These kernels take one token at a time and hold all K x N weights
-// and, in the backward, the K x N sums of dw in registers; the layouts of the mixer's in_proj and
-// out_proj run the 8-token kernels further down instead.
+// and, in the backward, the K x N sums of dw in registers; the forward of the mixer's in_proj and
+// out_proj layouts runs the 8-token kernels further down instead.
 
 constexpr int kLinThreads = 256;
 
@@ -219,16 +219,6 @@ __global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
   }
 }
 
-// every block's dw sums into its slot of dw_part
-template <int K, int N>
-__device__ __forceinline__ void write_dw(const LinParams& p, float (&dw)[N * K]) {
-  __shared__ float total[N * K];
-  block_sum<N * K>(dw, total);
-  __syncthreads();
-  const int64_t slot = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
-  for (int i = threadIdx.x; i < N * K; i += kLinThreads) p.dw_part[slot * N * K + i] = total[i];
-}
-
 // dx[b, k, src(t)] = sum_n w[n, k] dy[b, n, t]; dw[n, k] = sum_t dy[b, n, t] x[b, k, src(t)], summed per
 // block into dw_part[batch x blockIdx.x]
 template <typename T, int K, int N>
@@ -254,17 +244,23 @@ __global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
       dx[k * p.dx_k + src * p.dx_t] = from_f<T>(acc);
     }
   }
-  write_dw<K, N>(p, dw);
+  __shared__ float total[N * K];
+  block_sum<N * K>(dw, total);
+  __syncthreads();
+  const int64_t slot = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int i = threadIdx.x; i < N * K; i += kLinThreads) p.dw_part[slot * N * K + i] = total[i];
 }
 
-// ---- the same maps, 8 tokens a thread ---------------------------------------------------------------
+// ---- the forward maps, 8 tokens a thread -------------------------------------------------------------
 // Where one side is channel-first (rows of tokens) and the other token-major (the K or N channels of a
 // token side by side), as in_proj and out_proj are in the mixer, a thread takes 8 consecutive tokens:
-// 16-byte loads and stores instead of one 2-byte access per channel and token (the kernels above ran
-// at 55-65% of the copy bandwidth at 16.8 M tokens, docs/performance.md session 10). The token-major
-// side is held as a [channels][8] tile, the channel-first side is walked one row at a time, and the
-// weights sit in shared memory (read as broadcasts, each used for 8 tokens), so a thread holds no K x N
-// array but the dw sums.
+// 16-byte loads and stores instead of one 2-byte access per channel and token. At 6 channels x 16.8 M
+// tokens (H200) in_proj 3 -> 12 fell from 0.206 to 0.150 ms and out_proj 6 -> 3 from 0.113 to 0.091.
+// The token-major side is held as a [channels][8] tile, the channel-first side is walked one row at a
+// time, and the weights sit in shared memory (read as broadcasts, each used for 8 tokens). The same
+// layout in the backward (dw sums, dx tile) was no faster than the one-token kernel (0.261 against
+// 0.254 ms for in_proj, 0.188 against 0.193 for out_proj): it was left out (docs/performance.md,
+// session 10).
 
 // v in place, or reversed where dir < 0. Both branches index with constants: an index chosen at run time
 // (v[dir > 0 ? i : 7 - i]) would move the arrays to local memory
@@ -419,64 +415,6 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_tile_kernel(LinParams
     }
     store_tile<T, N>(y, sp_t, yv);
   });
-}
-
-// x and dx token-major (K channels), dy channel-first: in_proj's backward
-template <typename T, int K, int N>
-__global__ void __launch_bounds__(kLinThreads) linear8_bwd_rows_kernel(LinParams p) {
-  __shared__ float w[N * K];
-  stage_weights<K, N>(p.w, w);
-  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
-  const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
-  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
-  float dw[N * K] = {};
-  for_chunks(p, [&](Span sp_t, Span sp_src) {
-    float xv[K][kChunk], dxv[K][kChunk] = {};
-    load_tile<T, K>(x, sp_src, xv);
-#pragma unroll
-    for (int o = 0; o < N; ++o) {
-      float gv[kChunk];
-      load_row(g + o * p.y_n, sp_t, gv);
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) {
-          dxv[k][i] = fmaf(w[o * K + k], gv[i], dxv[k][i]);
-          dw[o * K + k] = fmaf(gv[i], xv[k][i], dw[o * K + k]);
-        }
-    }
-    store_tile<T, K>(dx, sp_src, dxv);
-  });
-  write_dw<K, N>(p, dw);
-}
-
-// x and dx channel-first, dy token-major (N channels): out_proj's backward
-template <typename T, int K, int N>
-__global__ void __launch_bounds__(kLinThreads) linear8_bwd_tile_kernel(LinParams p) {
-  __shared__ float w[N * K];
-  stage_weights<K, N>(p.w, w);
-  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
-  const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
-  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
-  float dw[N * K] = {};
-  for_chunks(p, [&](Span sp_t, Span sp_src) {
-    float gv[N][kChunk];
-    load_tile<T, N>(g, sp_t, gv);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      float xk[kChunk], dxk[kChunk] = {};
-      load_row(x + k * p.x_k, sp_src, xk);
-#pragma unroll
-      for (int o = 0; o < N; ++o)
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) {
-          dxk[i] = fmaf(w[o * K + k], gv[o][i], dxk[i]);
-          dw[o * K + k] = fmaf(gv[o][i], xk[i], dw[o * K + k]);
-        }
-      store_row(dx + k * p.dx_k, sp_src, dxk);
-    }
-  });
-  write_dw<K, N>(p, dw);
 }
 
 // ---- host -------------------------------------------------------------------------------------------
@@ -666,18 +604,7 @@ void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, 
               "bad dw_part");
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
     by_dtype(x, [&](auto t) {
-      using T = decltype(t);
-      constexpr int K = decltype(k)::value, N = decltype(n)::value;
-      if constexpr (K <= 6) {  // the rows kernel holds x and dx as [K][8] tiles: at K = 12 it would spill
-        if (p.y_t == 1 && token_major(p.x_k, p.x_t, K) && token_major(p.dx_k, p.dx_t, K)) {
-          linear8_bwd_rows_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
-          return;
-        }
-      }
-      if (p.x_t == 1 && p.dx_t == 1 && token_major(p.y_n, p.y_t, N))
-        linear8_bwd_tile_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
-      else
-        linear_bwd_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      linear_bwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
     });
   });
   TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
