@@ -373,47 +373,39 @@ __device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
   }
 }
 
-// x token-major (K channels), y channel-first: in_proj
-template <typename T, int K, int N>
-__global__ void __launch_bounds__(kLinThreads) linear8_fwd_rows_kernel(LinParams p) {
+// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major)
+template <typename T, int K, int N, bool kYTokenMajor>
+__global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
   __shared__ float w[N * K];
   stage_weights<K, N>(p.w, w);
   const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
   T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
   for_chunks(p, [&](Span sp_t, Span sp_src) {
-    float xv[K][kChunk];
-    load_tile<T, K>(x, sp_src, xv);
+    if constexpr (!kYTokenMajor) {  // the x tile, then y row by row
+      float xv[K][kChunk];
+      load_tile<T, K>(x, sp_src, xv);
 #pragma unroll
-    for (int o = 0; o < N; ++o) {
-      float acc[kChunk] = {};
+      for (int o = 0; o < N; ++o) {
+        float acc[kChunk] = {};
 #pragma unroll
-      for (int k = 0; k < K; ++k)
+        for (int k = 0; k < K; ++k)
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) acc[i] = fmaf(w[o * K + k], xv[k][i], acc[i]);
-      store_row(y + o * p.y_n, sp_t, acc);
+          for (int i = 0; i < kChunk; ++i) acc[i] = fmaf(w[o * K + k], xv[k][i], acc[i]);
+        store_row(y + o * p.y_n, sp_t, acc);
+      }
+    } else {  // x row by row into the y tile
+      float yv[N][kChunk] = {};
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        float xk[kChunk];
+        load_row(x + k * p.x_k, sp_src, xk);
+#pragma unroll
+        for (int o = 0; o < N; ++o)
+#pragma unroll
+          for (int i = 0; i < kChunk; ++i) yv[o][i] = fmaf(w[o * K + k], xk[i], yv[o][i]);
+      }
+      store_tile<T, N>(y, sp_t, yv);
     }
-  });
-}
-
-// x channel-first, y token-major (N channels): out_proj
-template <typename T, int K, int N>
-__global__ void __launch_bounds__(kLinThreads) linear8_fwd_tile_kernel(LinParams p) {
-  __shared__ float w[N * K];
-  stage_weights<K, N>(p.w, w);
-  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
-  T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
-  for_chunks(p, [&](Span sp_t, Span sp_src) {
-    float yv[N][kChunk] = {};
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      float xk[kChunk];
-      load_row(x + k * p.x_k, sp_src, xk);
-#pragma unroll
-      for (int o = 0; o < N; ++o)
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) yv[o][i] = fmaf(w[o * K + k], xk[i], yv[o][i]);
-    }
-    store_tile<T, N>(y, sp_t, yv);
   });
 }
 
@@ -577,9 +569,9 @@ void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool re
       using T = decltype(t);
       constexpr int K = decltype(k)::value, N = decltype(n)::value;
       if (p.y_t == 1 && token_major(p.x_k, p.x_t, K))
-        linear8_fwd_rows_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+        linear8_fwd_kernel<T, K, N, false><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
       else if (p.x_t == 1 && token_major(p.y_n, p.y_t, N))
-        linear8_fwd_tile_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+        linear8_fwd_kernel<T, K, N, true><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
       else
         linear_fwd_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
     });
