@@ -692,7 +692,7 @@ constexpr int kCarryThreads = 1024;  // 8,192 superblocks (16.8 M tokens): stret
 // Each thread composes a stretch of the chain, a block scan of the stretches gives each its entering
 // value, and each walks its stretch again writing the carries. (The Triton scan's _carry_kernel runs a
 // row's 16 states in one program and walks 8,192 superblocks in 32 serial tiles: 0.09-0.17 ms a call at
-// 6 channels x 16.8 M tokens, against 0.03 here with 256 threads: docs/performance.md, session 10.)
+// 6 channels x 16.8 M tokens, against 0.03 here: docs/performance.md, session 10.)
 template <bool kReverse>
 __global__ void __launch_bounds__(kCarryThreads) carry_kernel(const float* summary, const float* dtsum, const float* A,
                                                              float* carry, int E, int n) {
