@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.test_triton_conv import check_conv
 from tests.test_triton_linear import CASES as LINEAR_CASES, check_linear
+from tests.test_triton_scan import _channel_last
 
 pytestmark = [
     pytest.mark.cuda,
@@ -73,11 +74,6 @@ def test_linear_matches_float64_matmuls():
     assert not cuda_channel.linear_supports(torch.zeros(1, 6, 8, device="cuda"), torch.zeros(38, 6))
 
 
-def _token_major(x):
-    """The values of x (batch, C, L) as a view of (batch, L, C) memory."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 @pytest.mark.parametrize("length", [4096, 4099])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -95,13 +91,13 @@ def test_linear_maps_in_the_mixer_layouts_match_float64(k_in, n_out, dtype, tol,
     w64 = torch.randn(n_out, k_in, generator=gen, dtype=torch.float64)
     dy64 = torch.randn(batch, n_out, length, generator=gen, dtype=torch.float64)
     src = x64.flip(-1) if reverse else x64
-    want = dict(y=torch.einsum("nk,bkl->bnl", w64, src),
-                dx=torch.einsum("nk,bnl->bkl", w64, dy64).flip(-1) if reverse else torch.einsum("nk,bnl->bkl", w64, dy64),
+    dx64 = torch.einsum("nk,bnl->bkl", w64, dy64)
+    want = dict(y=torch.einsum("nk,bkl->bnl", w64, src), dx=dx64.flip(-1) if reverse else dx64,
                 dw=torch.einsum("bnl,bkl->nk", dy64, src))
     x_token_major = k_in < n_out  # in_proj widens, out_proj narrows
     x = x64.to("cuda", dtype)
     dy = dy64.to("cuda", dtype)
-    x, dy = (_token_major(x), dy) if x_token_major else (x, _token_major(dy))
+    x, dy = (_channel_last(x), dy) if x_token_major else (x, _channel_last(dy))
     w = w64.to("cuda", torch.float32)
     y = cuda_channel.linear_forward(x, w, reverse, token_major_out=not x_token_major)
     dx, dw = cuda_channel.linear_backward(x, w, dy, reverse)
