@@ -84,7 +84,7 @@ struct Lane {
   static constexpr int CS = G / 2;                   // channel slots per segment
   static constexpr int SB = kThreads / G;            // segments per block (a superblock)
   int seg, slot, half, l, b;
-  int64_t e, ec, row, s, t_start, t_end, t_stop;     // ec: e clamped to a real channel (for addresses)
+  int64_t e, ec, row, s, t_start, t_end, t_stop, block_stop;  // ec: e clamped to a real channel (for addresses)
   bool active;
   unsigned mask;                                     // the warp's lanes in the group (shuffles, __syncwarp)
 
@@ -104,18 +104,16 @@ struct Lane {
     t_end = s < p.n_seg ? min(t_start + p.seg_len, p.L) : t_start;
     mask = kInWarp && G < 32 ? ((1u << G) - 1u) << ((tid & 31) & ~(G - 1)) : 0xffffffffu;
     // where the loop over chunks stops: t_end, or for groups that span warps (their barriers need every
-    // thread of the block) the end of the block's first, longest segment; chunks past the sequence
-    // read as zeros and leave every state unchanged
-    if constexpr (kInWarp) {
-      t_stop = t_end;
-    } else {
-      const int64_t first = int64_t(blockIdx.x) * SB * p.seg_len;
-      t_stop = t_start + (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk * kChunk;
-    }
+    // thread of the block) block_stop, the end of the block's first, longest segment for every lane.
+    // Only the sequence's last segment is shorter; its chunks past the sequence read as zeros and
+    // leave every state unchanged.
+    const int64_t first = int64_t(blockIdx.x) * SB * p.seg_len;
+    block_stop = t_start + (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk * kChunk;
+    t_stop = kInWarp ? t_end : block_stop;
   }
 
-  // whether the chunk from t0 holds tokens of this lane's segment (always, for groups inside a warp)
-  __device__ bool holds(int64_t t0) const { return kInWarp || t0 < t_end; }
+  // whether the chunk from t0 holds tokens of this lane's segment
+  __device__ bool holds(int64_t t0) const { return t0 < t_end; }
 
   // the group's lanes wait for each other (shared-memory handoffs); a group across warps, for the block
   __device__ void sync() const {
@@ -479,7 +477,11 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   }
   const Ln ln(p);
   const int tid = threadIdx.x;
-  const int64_t n_chunks = (ln.t_stop - ln.t_start + kChunk - 1) / kChunk;
+  // every lane walks to block_stop, so that the warp never diverges and its shuffles below can name
+  // the whole warp: with a mask known at compile time they need no convergence checks (bwd_main 5.27 ->
+  // 5.17 ms a call at 6 x 16.8 M; fwd_out, with its short loop body, was slower so: docs/performance.md,
+  // session 11)
+  const int64_t n_chunks = (ln.block_stop - ln.t_start + kChunk - 1) / kChunk;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   // two chunks' inputs: bwd_main issues the next chunk's loads before it unpacks the current one (5.47
   // against 5.57 ms with one buffer, docs/performance.md session 7; the other kernels are faster with one)
@@ -602,19 +604,19 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) {
         const float g = fmaf(Ct[j], gt.dy, r[j]);
-        const float term = g * (a[j] * hp[j]);  // g_t a_t h_{t-1}: the gradient at log a_t
+        r[j] = a[j] * g;
+        const float term = r[j] * hp[j];  // g_t a_t h_{t-1}: the gradient at log a_t
         dA[j] = fmaf(term, dt[t], dA[j]);
         dlog = fmaf(term, A[j], dlog);
         gB = fmaf(g, Bt[j], gB);
         y = fmaf(Ct[j], h[j], y);
         dBt[j] = g * dtu;
         dCt[j] = h[j] * gt.dy;
-        r[j] = a[j] * g;
         h[j] = hp[j];
       }
-      dlog += __shfl_xor_sync(ln.mask, dlog, 1);
-      gB += __shfl_xor_sync(ln.mask, gB, 1);
-      y += __shfl_xor_sync(ln.mask, y, 1);
+      dlog += __shfl_xor_sync(0xffffffffu, dlog, 1);
+      gB += __shfl_xor_sync(0xffffffffu, gB, 1);
+      y += __shfl_xor_sync(0xffffffffu, y, 1);
       float ddt = fmaf(gB, u[t], dlog);
       if (p.softplus) ddt *= x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
       ddt = ln.active && t < n ? ddt : 0.f;
