@@ -478,9 +478,9 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   const Ln ln(p);
   const int tid = threadIdx.x;
   // every lane walks to block_stop, so that the warp never diverges and its shuffles below can name
-  // the whole warp: with a mask known at compile time they need no convergence checks (bwd_main 5.27 ->
-  // 5.17 ms a call at 6 x 16.8 M; fwd_out, with its short loop body, was slower so: docs/performance.md,
-  // session 11)
+  // the whole warp: with a mask known at compile time they need no convergence checks (with r formed
+  // before the log-decay term, bwd_main 5.40 -> 5.24 ms a call at 6 x 16.8 M; fwd_out was slower so,
+  // 1.27 -> 1.41 ms, and keeps t_stop: docs/performance.md, session 11)
   const int64_t n_chunks = (ln.block_stop - ln.t_start + kChunk - 1) / kChunk;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   // two chunks' inputs: bwd_main issues the next chunk's loads before it unpacks the current one (5.47
