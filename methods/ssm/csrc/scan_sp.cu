@@ -84,11 +84,15 @@ struct Lane {
   static constexpr int CS = G / 2;                   // channel slots per segment
   static constexpr int SB = kThreads / G;            // segments per block (a superblock)
   int seg, slot, half, l, b;
-  int64_t e, ec, row, s, t_start, t_end, t_stop, block_stop;  // ec: e clamped to a real channel (for addresses)
+  int64_t e, ec, row, s, t_start, t_end, t_stop;     // ec: e clamped to a real channel (for addresses)
   bool active;
-  unsigned mask;                                     // the warp's lanes in the group (shuffles, __syncwarp)
+  unsigned mask;                                     // the lanes that shuffle and wait together (__syncwarp)
 
-  __device__ explicit Lane(const Params& p) {
+  // whole_warp: every lane of the block walks to the same chunk, so that a warp never diverges and its
+  // shuffles and barriers name the whole warp. A mask known at compile time needs no convergence checks
+  // (MATCH / REDUX / VOTE before each): bwd_main, with r formed before the log-decay term, 5.40 -> 5.24 ms
+  // a call at 6 x 16.8 M (docs/performance.md, session 11); fwd_out was slower so (1.27 -> 1.41 ms).
+  __device__ explicit Lane(const Params& p, bool whole_warp = false) {
     const int tid = threadIdx.x;
     seg = tid / G;
     l = tid % G;
@@ -102,14 +106,14 @@ struct Lane {
     s = int64_t(blockIdx.x) * SB + seg;
     t_start = s * p.seg_len;
     t_end = s < p.n_seg ? min(t_start + p.seg_len, p.L) : t_start;
-    mask = kInWarp && G < 32 ? ((1u << G) - 1u) << ((tid & 31) & ~(G - 1)) : 0xffffffffu;
+    const bool in_group = kInWarp && !whole_warp;
+    mask = in_group && G < 32 ? ((1u << G) - 1u) << ((tid & 31) & ~(G - 1)) : 0xffffffffu;
     // where the loop over chunks stops: t_end, or for groups that span warps (their barriers need every
-    // thread of the block) block_stop, the end of the block's first, longest segment for every lane.
-    // Only the sequence's last segment is shorter; its chunks past the sequence read as zeros and
-    // leave every state unchanged.
+    // thread of the block) and whole_warp the end of the block's first, longest segment. Only the
+    // sequence's last segment is shorter; its chunks past the sequence read as zeros and leave every
+    // state unchanged.
     const int64_t first = int64_t(blockIdx.x) * SB * p.seg_len;
-    block_stop = t_start + (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk * kChunk;
-    t_stop = kInWarp ? t_end : block_stop;
+    t_stop = in_group ? t_end : t_start + (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk * kChunk;
   }
 
   // whether the chunk from t0 holds tokens of this lane's segment
@@ -475,13 +479,9 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
         [&](int i) { return p.wseg[(s0 + i) * kStates + n]; },
         [&](int i, float R) { seg_r[i][slot][n] = R; });
   }
-  const Ln ln(p);
+  const Ln ln(p, /*whole_warp=*/true);
   const int tid = threadIdx.x;
-  // every lane walks to block_stop, so that the warp never diverges and its shuffles below can name
-  // the whole warp: with a mask known at compile time they need no convergence checks (with r formed
-  // before the log-decay term, bwd_main 5.40 -> 5.24 ms a call at 6 x 16.8 M; fwd_out was slower so,
-  // 1.27 -> 1.41 ms, and keeps t_stop: docs/performance.md, session 11)
-  const int64_t n_chunks = (ln.block_stop - ln.t_start + kChunk - 1) / kChunk;
+  const int64_t n_chunks = (ln.t_stop - ln.t_start + kChunk - 1) / kChunk;
   const Rows<T, G, 2 * kStates> rows(p, ln, true);
   // two chunks' inputs: bwd_main issues the next chunk's loads before it unpacks the current one (5.47
   // against 5.57 ms with one buffer, docs/performance.md session 7; the other kernels are faster with one)
@@ -614,9 +614,9 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
         dCt[j] = h[j] * gt.dy;
         h[j] = hp[j];
       }
-      dlog += __shfl_xor_sync(0xffffffffu, dlog, 1);
-      gB += __shfl_xor_sync(0xffffffffu, gB, 1);
-      y += __shfl_xor_sync(0xffffffffu, y, 1);
+      dlog += __shfl_xor_sync(ln.mask, dlog, 1);
+      gB += __shfl_xor_sync(ln.mask, gB, 1);
+      y += __shfl_xor_sync(ln.mask, y, 1);
       float ddt = fmaf(gB, u[t], dlog);
       if (p.softplus) ddt *= x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
       ddt = ln.active && t < n ? ddt : 0.f;
