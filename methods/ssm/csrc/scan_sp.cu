@@ -90,7 +90,7 @@ struct Lane {
 
   // whole_warp: every lane of the block walks to the same chunk, so that a warp never diverges and its
   // shuffles and barriers name the whole warp. A mask known at compile time needs no convergence checks
-  // (MATCH / REDUX / VOTE before each): bwd_main, with r formed before the log-decay term, 5.40 -> 5.24 ms
+  // (MATCH / REDUX / VOTE before each): bwd_main, with r formed before the log-decay term, 5.40 -> 5.17 ms
   // a call at 6 x 16.8 M (docs/performance.md, session 11); fwd_out was slower so (1.27 -> 1.41 ms).
   __device__ explicit Lane(const Params& p, bool whole_warp = false) {
     const int tid = threadIdx.x;
