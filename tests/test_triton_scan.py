@@ -152,18 +152,6 @@ def test_cuda_scan_matches_oracle_with_every_pass_in_one_group(group, channels, 
            monkeypatch=monkeypatch, impl="cuda")
 
 
-@pytest.mark.parametrize("channels,optional", [(5, True), (2, False)])
-def test_cuda_narrow_backward_with_fewer_channels_than_slots(channels, optional, monkeypatch):
-    """bwd_main's group 8 (a lane holds two states of each of up to 6 channels) with channel slots left
-    empty, with and without D, z, the bias and softplus, over several superblocks. (At 6 channels the
-    cases above run it: `cuda_scan.groups` picks it there.)"""
-    from methods.ssm import cuda_scan
-
-    assert cuda_scan.groups(channels)["bwd_main"] == cuda_scan.NARROW
-    _check(2, channels, 1537, 16, torch.float32, 1e-4, with_d=optional, with_z=optional, with_bias=optional,
-           softplus=optional, target_programs=24, seed=channels, monkeypatch=monkeypatch, impl="cuda")
-
-
 @pytest.mark.parametrize("n", [1, 300, 8197])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cuda_carry_matches_a_serial_float64_chain(n, reverse):

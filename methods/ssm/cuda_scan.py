@@ -29,9 +29,7 @@ SOURCE = Path(__file__).with_name("csrc") / "scan_sp.cu"
 # one extension: the scan, the channel ops (methods/ssm/cuda_channel.py) and their Python bindings
 SOURCES = (SOURCE, SOURCE.with_name("channel_ops.cu"), SOURCE.with_name("bindings.cpp"))
 STATES = 16          # the kernel's d_state
-THREADS = {8: 64, 12: 96, 16: 128, 24: 96, 32: 128}  # per block, by group; a block holds THREADS / group segments
-NARROW = 8            # bwd_main's group up to NARROW_CHANNELS channels: a lane holds 2 states of each
-NARROW_CHANNELS = 6
+THREADS = {12: 96, 16: 128, 24: 96, 32: 128}  # per block, by group; a block holds THREADS / group segments
 KERNELS = ("fwd_summary", "fwd_out", "bwd_summary", "bwd_main")
 CHUNK = 8            # tokens per vector load
 PAIR = 16            # segments are whole multiples of 16 tokens (dB | dC are written 16 at a time)
@@ -67,10 +65,9 @@ def groups(channels: int) -> dict[str, int]:
     group 24 wins every pass (at 24 the scan's fwd + bwd 14.6 -> 9.1 ms); from 48 channels the forward
     passes are faster in group 32 and bwd_main in group 24 (7.7 -> 5.4 ms at 48: group 32 sums 16 channel
     slots per token). Every pass of a scan holds the same number of segments per block (the passes
-    share their summaries). Up to 6 channels bwd_main runs group 8 (NARROW): a lane holds two states
-    of every channel, so no lane idles and dB | dC sum inside the thread (session 12)."""
-    if channels <= NARROW_CHANNELS:
-        return dict(fwd_summary=12, fwd_out=16, bwd_summary=12, bwd_main=NARROW)
+    share their summaries)."""
+    if channels <= 6:
+        return dict(fwd_summary=12, fwd_out=16, bwd_summary=12, bwd_main=16)
     if channels <= 8:
         return dict.fromkeys(KERNELS, 16)
     if channels <= 12 or 16 < channels <= 24:
@@ -95,8 +92,7 @@ def plan(batch: int, channels: int, length: int) -> Geometry:
     per_block = {THREADS[g] // g for g in by_pass.values()}
     assert len(per_block) == 1, f"the passes' groups {by_pass} hold different numbers of segments per block"
     per_block = per_block.pop()
-    main = by_pass["bwd_main"]
-    n_cblk = triton.cdiv(channels, NARROW_CHANNELS if main == NARROW else main // 2)
+    n_cblk = triton.cdiv(channels, by_pass["bwd_main"] // 2)
     segments_wanted = max(1, TARGET_BLOCKS * per_block // (batch * n_cblk))
     seg_len = triton.cdiv(max(MIN_SEGMENT, triton.cdiv(length, segments_wanted)), PAIR) * PAIR
     n_seg = triton.cdiv(length, seg_len)
@@ -134,10 +130,8 @@ class Saved:
     dtypes: list  # the inputs' dtypes, for their gradients
 
 
-def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, for_backward=True):
-    """(out, last_state, saved) of the scan; `scan_backward(saved, dout)` gives the gradients.
-    for_backward: also save what the backward would otherwise compute again (y before the gate, which
-    group 8 reads)."""
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """(out, last_state, saved) of the scan; `scan_backward(saved, dout)` gives the gradients."""
     batch, channels, length, _ = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     # gradients go back in each input's dtype; the kernel reads u's dtype throughout
     dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
@@ -158,12 +152,9 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     carry = _carry(sup_h, sup_dt, A32, geo, reverse=False)
     out = torch.empty(u.shape, device=u.device, dtype=dtype)
     hstart = torch.empty(rows, geo.n_seg, STATES, **f32)
-    ypre = (torch.empty(u.shape, device=u.device, dtype=dtype)
-            if for_backward and z is not None and geo.groups["bwd_main"] == NARROW else None)
-    _run("fwd_out", geo, {**inputs, **_given(ypre=ypre), "hseg": hseg, "dtseg": dtseg, "carry": carry,
-                          "hstart": hstart, "out": out}, delta_softplus)
-    saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt, ypre), geo, delta_softplus,
-                  dtypes)
+    _run("fwd_out", geo, {**inputs, "hseg": hseg, "dtseg": dtseg, "carry": carry, "hstart": hstart,
+                          "out": out}, delta_softplus)
+    saved = Saved((u, delta, A32, B, C, D32, z, bias32, hstart, dtseg, sup_dt), geo, delta_softplus, dtypes)
     return out, carry[:, geo.n_sup].view(batch, channels, STATES), saved
 
 
@@ -178,14 +169,11 @@ def scan_backward(saved: Saved, dout, ddelta=None, dBC=None, dz=None):
     inputs not given. ddelta, dBC ((batch, 2 x 16, L): dB above dC) and dz may be buffers to write into
     (slices of whole rows, e.g. of the mixer's fused gradient); where the kernel cannot write one
     directly the values are copied into it."""
-    u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt, ypre = saved.tensors
+    u, delta, A, B, C, D, z, bias, hstart, dtseg, sup_dt = saved.tensors
     geo = saved.geo
-    if z is not None and geo.groups["bwd_main"] == NARROW and ypre is None:
-        raise RuntimeError("scan_backward needs scan_forward(..., for_backward=True): bwd_main's group 8 "
-                           "reads y before the gate")
     rows, f32 = geo.batch * geo.channels, dict(device=u.device, dtype=torch.float32)
     inputs = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, bias=bias,
-                    dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg, ypre=ypre)
+                    dout=_token_major(dout.to(u.dtype)), hstart=hstart, dtseg=dtseg)
     hck = torch.empty(rows, triton.cdiv(geo.length, CHUNK), STATES, **f32)
     wseg = torch.empty(rows, geo.n_seg, STATES, **f32)
     wsup = torch.empty(rows, geo.n_sup, STATES, **f32)
@@ -226,8 +214,7 @@ class CudaSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
-        out, last_state, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              for_backward=any(ctx.needs_input_grad))
+        out, last_state, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         ctx.save_for_backward(*saved.tensors)
         saved.tensors = None
         ctx.saved = saved

@@ -25,8 +25,7 @@ class FusedBranch(torch.autograd.Function):
         u = cuda_channel.conv_forward(x, conv_weight, conv_bias)
         proj = cuda_channel.linear_forward(u, w_proj, False, False)
         delta, B, C = proj.split([inner, state, state], dim=1)
-        y, _, saved = cuda_scan.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
-                                             for_backward=any(ctx.needs_input_grad))
+        y, _, saved = cuda_scan.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
         ctx.save_for_backward(xz, conv_weight, conv_bias, w_proj, *saved.tensors)
         saved.tensors = None
         ctx.saved = saved

@@ -62,7 +62,6 @@ struct Params {
   float *hseg, *dtseg, *sup_h, *sup_dt, *hstart, *hck, *wseg, *wsup;
   const float *carry, *rcarry;
   void *out, *du, *ddelta, *dz, *dBC;  // dBC: (batch, [dB | dC], L), float32 where atomic_bc
-  void* ypre;  // y before the gate (C h + D u): written by fwd_out where given, read by bwd_main's group 8
   float *dA_part, *dD_part, *dbias_part;
 };
 
@@ -250,19 +249,18 @@ __device__ __forceinline__ bool combine_item(const Params& p, int q, int& slot, 
   return e < p.E;
 }
 
-// the segments of this block (of SB) that hold tokens
-template <int SB>
+template <int G>
 __device__ __forceinline__ int valid_segments(const Params& p) {
-  return int(min(int64_t(SB), int64_t(p.n_seg) - int64_t(blockIdx.x) * SB));
+  return int(min(int64_t(Lane<G>::SB), int64_t(p.n_seg) - int64_t(blockIdx.x) * Lane<G>::SB));
 }
 
-// One state (or adjoint) entry chained across a superblock's SB segments: X = exp(A dt_i) X + v_i over
-// its first nv segments, in token order or, kReverse, backwards. visit(i, X) sees the value entering
+// One state (or adjoint) entry chained across a superblock's segments: X = exp(A dt_i) X + v_i over its
+// first nv segments, in token order or, kReverse, backwards. visit(i, X) sees the value entering
 // segment i, for each of the block's segments; returns the value leaving the chain.
-template <int SB, bool kReverse, typename Dt, typename Value, typename Visit>
+template <int G, bool kReverse, typename Dt, typename Value, typename Visit>
 __device__ __forceinline__ float chain_segments(int nv, float X, float a2, Dt dt, Value v, Visit visit) {
-  for (int k = 0; k < SB; ++k) {
-    const int i = kReverse ? SB - 1 - k : k;
+  for (int k = 0; k < Lane<G>::SB; ++k) {
+    const int i = kReverse ? Lane<G>::SB - 1 - k : k;
     visit(i, X);
     if (i < nv) X = fmaf(ex2(a2 * dt(i)), X, v(i));
   }
@@ -305,14 +303,14 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_summary_kernel(Params p
   write8(&seg_h[ln.seg][ln.slot][ln.half * kHalf], h);
   if (ln.half == 0) seg_dt[ln.seg][ln.slot] = dtsum;
   __syncthreads();
-  const int nv = valid_segments<Ln::SB>(p);
+  const int nv = valid_segments<G>(p);
   for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
     const float a2 = p.A[(row % p.E) * kStates + n] * kLog2e;
     float S = 0.f;
-    const float H = chain_segments<Ln::SB, false>(
+    const float H = chain_segments<G, false>(
         nv, 0.f, a2, [&](int i) { return seg_dt[i][slot]; }, [&](int i) { return seg_h[i][slot][n]; },
         [&](int i, float) { S += i < nv ? seg_dt[i][slot] : 0.f; });
     p.sup_h[(row * p.n_sup + blockIdx.x) * kStates + n] = H;
@@ -325,7 +323,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
   using Ln = Lane<G>;
   __shared__ __align__(16) float stage[Ln::SB][kStageRow];
   __shared__ __align__(16) float seg_in[Ln::SB][Ln::CS][kStates];
-  const int nv = valid_segments<Ln::SB>(p);
+  const int nv = valid_segments<G>(p);
   // state entering each segment: the superblock's carry, then the segments' summaries in order
   for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
@@ -333,7 +331,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
     const bool ok = combine_item<G>(p, q, slot, n, row);
     const int n_ok = ok ? nv : 0;
     const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;  // the block's first segment
-    chain_segments<Ln::SB, false>(
+    chain_segments<G, false>(
         n_ok, ok ? p.carry[(row * (p.n_sup + 1) + blockIdx.x) * kStates + n] : 0.f,
         ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f, [&](int i) { return p.dtseg[s0 + i]; },
         [&](int i) { return p.hseg[(s0 + i) * kStates + n]; },
@@ -353,7 +351,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
   for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
     const int n = inside(t0, p.L);
-    float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk], yp[kChunk];
+    float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
     in.dt_u(p, ln, n, dt, x, u);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
@@ -371,11 +369,10 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
         acc = fmaf(Ct[j], h[j], acc);
       }
       acc += __shfl_xor_sync(ln.mask, acc, 1);
-      y[t] = yp[t] = fmaf(Dv, u[t], acc);
+      y[t] = fmaf(Dv, u[t], acc);
       if (p.has_z) y[t] *= z[t] * sigmoid(z[t]);
     }
     if (ln.active && ln.half == 0) store8(ln.template out_row<T>(p.out, p.L) + t0, n, y);
-    if (ln.active && ln.half == 1 && p.ypre) store8(ln.template out_row<T>(p.ypre, p.L) + t0, n, yp);
   }
 }
 
@@ -434,13 +431,13 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) bwd_summary_kernel(Params p
   if (runs && ln.active) write8(&p.wseg[ln.state_at(p.n_seg, ln.s)], W);
   write8(&seg_w[ln.seg][ln.slot][ln.half * kHalf], W);
   __syncthreads();
-  const int nv = valid_segments<Ln::SB>(p);
+  const int nv = valid_segments<G>(p);
   for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     if (!combine_item<G>(p, q, slot, n, row)) continue;
     const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;
-    p.wsup[(row * p.n_sup + blockIdx.x) * kStates + n] = chain_segments<Ln::SB, true>(
+    p.wsup[(row * p.n_sup + blockIdx.x) * kStates + n] = chain_segments<G, true>(
         nv, 0.f, p.A[(row % p.E) * kStates + n] * kLog2e, [&](int i) { return p.dtseg[s0 + i]; },
         [&](int i) { return seg_w[i][slot][n]; }, [](int, float) {});
   }
@@ -469,14 +466,14 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   // before and after the walk, hs holds the segments' adjoints and the partial sums
   static_assert(sizeof(sm.hs) >= sizeof(float) * Ln::SB * Ln::CS * kStates, "seg_r must fit in hs");
   auto seg_r = reinterpret_cast<float(*)[Ln::CS][kStates]>(&sm.hs[0][0][0]);
-  const int nv = valid_segments<Ln::SB>(p);
+  const int nv = valid_segments<G>(p);
   // adjoint entering each segment from the right: the superblock's carry, then the summaries backwards
   for (int q = threadIdx.x; q < Ln::CS * kStates; q += Ln::kThreads) {
     int slot, n;
     int64_t row;
     const bool ok = combine_item<G>(p, q, slot, n, row);
     const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * Ln::SB;
-    chain_segments<Ln::SB, true>(
+    chain_segments<G, true>(
         ok ? nv : 0, ok ? p.rcarry[(row * (p.n_sup + 1) + blockIdx.x + 1) * kStates + n] : 0.f,
         ok ? p.A[(row % p.E) * kStates + n] * kLog2e : 0.f, [&](int i) { return p.dtseg[s0 + i]; },
         [&](int i) { return p.wseg[(s0 + i) * kStates + n]; },
@@ -687,328 +684,6 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   }
 }
 
-// ---- bwd_main for narrow layers: groups of 8 lanes --------------------------------------------------
-//
-// At 6 channels a group of 16 leaves 4 of its lanes idle, and every token's dB | dC terms are summed over
-// channels through shared memory behind a barrier. Here a segment's 16 x C states are spread the other
-// way: lane j of 8 holds states 2j and 2j + 1 of every channel (12 independent recurrences at C = 6), so
-// dB | dC sum over channels inside the thread and no lane idles in the walk. The sums over states cross
-// lanes instead, and none of them feeds back into the walk: each lane leaves its partial dlog and gB of
-// each channel and token in shared memory, and after the chunk's walk lane i adds those of token i and
-// forms its ddelta and du. dz needs y before the gate, a sum over states too: fwd_out saves it (ypre).
-// Before the walk, lane c < C unpacks channel c's rows of the chunk (softplus, gate) for all 8 lanes.
-namespace narrow {
-constexpr int C = 6;                   // channel slots: every channel of the layer (no dB | dC atomics)
-constexpr int kLanes = 8;              // lanes a segment (16 states, 2 a lane)
-constexpr int SB = 8;                  // segments a block, as in the groups of 12 and 16 (shared summaries)
-constexpr int kThreads = kLanes * SB;  // 64
-constexpr int kSt = 2;                 // states a lane
-constexpr int kRec = C * kSt;          // recurrences a lane
-// token t's row of the walk tile: dt | u | dy | sig of each channel (sig: softplus's derivative, 1
-// without softplus, 0 outside the sequence). 28 floats: the 8 lanes reading 8 tokens' rows (the sums
-// over states) hit distinct banks
-constexpr int kRow = 4 * C + 4;
-constexpr int kSegWalk = kChunk * kRow + 8;  // +8: the phase-1 writes of a warp's 4 segments spread over banks
-constexpr int kPart = 2 * C;                 // a lane's partial sums of a token: dlog | gB of each channel
-constexpr int kPartRow = kLanes * kPart + 4;  // a token's 8 lanes; +4: the 8 tokens' rows on distinct banks
-}  // namespace narrow
-
-struct NarrowSmem {
-  float4 hs[kChunk - 1][narrow::kRec / 4][narrow::kThreads];  // the chunk's states h_0..h_6, lane-fastest
-  float walk[narrow::SB][narrow::kSegWalk];
-  float part[narrow::SB][kChunk][narrow::kPartRow];  // before the walk: the segments' entering adjoints
-  float dA[narrow::C][kStates], dD[narrow::C], dbias[narrow::C];
-};
-
-template <typename T>
-__device__ __forceinline__ float elem(const Raw8<T>& r, int t) {
-  if constexpr (sizeof(T) == 4) return reinterpret_cast<const float*>(r.v)[t];
-  else return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(r.v)[t]);
-}
-
-__device__ __forceinline__ void put(float* q, float v) { *q = v; }
-__device__ __forceinline__ void put(__nv_bfloat16* q, float v) { *q = __float2bfloat16(v); }
-
-// One chunk's inputs: lane c < C's channel rows, every lane's B | C rows and chunk-start states.
-template <typename T>
-struct NarrowIn {
-  Raw8<T> delta, u, z, dout, ypre, bc[4];
-  float2 h0[narrow::C];
-};
-
-template <typename T>
-__global__ void __launch_bounds__(narrow::kThreads, 4) bwd_narrow_kernel(Params p) {
-  using namespace narrow;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  NarrowSmem& sm = *reinterpret_cast<NarrowSmem*>(smem_raw);
-  auto seg_r = reinterpret_cast<float(*)[C][kStates]>(&sm.part[0][0][0]);
-  static_assert(sizeof(sm.part) >= sizeof(float) * SB * C * kStates, "seg_r must fit in part");
-  const int tid = threadIdx.x, seg = tid / kLanes;
-  const int j = tid % kLanes;  // the lane's state pair; its channel before the walk, its token after
-  const int b = blockIdx.z;
-  const int nv = valid_segments<SB>(p);
-  // adjoint entering each segment from the right: the superblock's carry, then the summaries backwards
-  for (int q = tid; q < C * kStates; q += kThreads) {
-    const int c = q / kStates, n = q % kStates;
-    const bool ok = c < p.E;
-    const int64_t row = int64_t(b) * p.E + c;
-    const int64_t s0 = row * p.n_seg + int64_t(blockIdx.x) * SB;
-    chain_segments<SB, true>(
-        ok ? nv : 0, ok ? p.rcarry[(row * (p.n_sup + 1) + blockIdx.x + 1) * kStates + n] : 0.f,
-        ok ? p.A[c * kStates + n] * kLog2e : 0.f, [&](int i) { return p.dtseg[s0 + i]; },
-        [&](int i) { return p.wseg[(s0 + i) * kStates + n]; }, [&](int i, float R) { seg_r[i][c][n] = R; });
-    sm.dA[c][n] = 0.f;
-  }
-  if (tid < C) sm.dD[tid] = sm.dbias[tid] = 0.f;
-
-  const int64_t s = int64_t(blockIdx.x) * SB + seg;
-  const int64_t t_start = s * p.seg_len, t_end = s < p.n_seg ? min(t_start + p.seg_len, p.L) : t_start;
-  // every lane walks as many chunks as the block's first (longest) segment: no warp ever diverges. Only
-  // the sequence's last segment is shorter; its chunks past the end read zeros and change nothing.
-  const int64_t first = int64_t(blockIdx.x) * SB * p.seg_len;
-  const int64_t n_chunks = (min(first + p.seg_len, p.L) - first + kChunk - 1) / kChunk;
-  const bool chan = j < p.E;  // lane j's channel (before the walk) exists
-  const int cj = chan ? j : 0;
-  const T* delta_row = static_cast<const T*>(p.delta) + b * p.d_b + cj * p.d_e;
-  const T* u_row = static_cast<const T*>(p.u) + b * p.u_b + cj * p.u_e;
-  const T* z_row = p.has_z ? static_cast<const T*>(p.z) + b * p.z_b + cj * p.z_e : u_row;
-  const T* dout_row = static_cast<const T*>(p.dout) + b * p.g_b + cj * p.g_e;
-  const T* ypre_row = p.has_z ? static_cast<const T*>(p.ypre) + (int64_t(b) * p.E + cj) * p.L : u_row;
-  const T* bc_row[4] = {static_cast<const T*>(p.B) + b * p.B_b + (2 * j) * p.B_n,
-                        static_cast<const T*>(p.B) + b * p.B_b + (2 * j + 1) * p.B_n,
-                        static_cast<const T*>(p.C) + b * p.C_b + (2 * j) * p.C_n,
-                        static_cast<const T*>(p.C) + b * p.C_b + (2 * j + 1) * p.C_n};
-  const bool chan_aligned =
-      aligned16(delta_row) && aligned16(u_row) && aligned16(z_row) && aligned16(dout_row) && aligned16(ypre_row);
-  bool bc_aligned = true;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) bc_aligned = bc_aligned && aligned16(bc_row[i]);
-
-  auto fetch = [&](NarrowIn<T>& in, int64_t t0) {
-    const int n = inside(t0, p.L);
-    if (chan) {
-      const bool vec = n == kChunk && chan_aligned;
-      in.delta = fetch8(delta_row + t0, n, vec);
-      in.u = fetch8(u_row + t0, n, vec);
-      in.dout = fetch8(dout_row + t0, n, vec);
-      if (p.has_z) {
-        in.z = fetch8(z_row + t0, n, vec);
-        in.ypre = fetch8(ypre_row + t0, n, vec);
-      }
-    } else {
-      in.delta = in.u = in.dout = in.z = in.ypre = Raw8<T>{};
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) in.bc[i] = fetch8(bc_row[i] + t0, n, n == kChunk && bc_aligned);
-#pragma unroll
-    for (int c = 0; c < C; ++c)
-      in.h0[c] = c < p.E && t0 < t_end
-                     ? *reinterpret_cast<const float2*>(
-                           &p.hck[((int64_t(b) * p.E + c) * p.n_ck + t0 / kChunk) * kStates + 2 * j])
-                     : make_float2(0.f, 0.f);
-  };
-  NarrowIn<T> cur, nxt;
-  if (n_chunks > 0) fetch(cur, t_start + (n_chunks - 1) * kChunk);
-
-  float A2[C][kSt], r[C][kSt], dA[C][kSt] = {}, dbias[C] = {}, Dv[C], dD = 0.f;
-  __syncthreads();
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    Dv[c] = p.has_d && c < p.E ? p.D[c] : 0.f;
-#pragma unroll
-    for (int k = 0; k < kSt; ++k) {
-      A2[c][k] = c < p.E ? p.A[c * kStates + 2 * j + k] * kLog2e : 0.f;
-      r[c][k] = seg_r[seg][c][2 * j + k];  // r = a_{t+1} g_{t+1} for the next token t
-    }
-  }
-  __syncthreads();  // before the walk overwrites seg_r
-  float* const walk = sm.walk[seg];
-  const float bias = p.has_bias && chan ? p.bias[j] : 0.f;
-  const float4* const part4 = reinterpret_cast<const float4*>(&sm.part[seg][j][0]);  // token j's partial sums
-
-  for (int64_t k = n_chunks - 1; k >= 0; --k) {
-    const int64_t t0 = t_start + k * kChunk;
-    const int n = inside(t0, p.L);
-    if (k > 0) fetch(nxt, t0 - kChunk);
-    __syncwarp();  // the previous chunk's sums over states have read the walk tile and the partial sums
-    // channel j's scalars of each token, for every lane; zeros outside the sequence and for lanes
-    // j >= E, so that those tokens and channels change no state
-    if (j < C) {
-      float x[kChunk], uv[kChunk], g[kChunk], z[kChunk], yp[kChunk];
-      unpack8(cur.delta, x);
-      unpack8(cur.u, uv);
-      unpack8(cur.dout, g);
-      if (p.has_z) {
-        unpack8(cur.z, z);
-        unpack8(cur.ypre, yp);
-      }
-      float dz[kChunk];
-#pragma unroll
-      for (int t = 0; t < kChunk; ++t) {
-        const bool in = chan && t < n;
-        x[t] += bias;
-        const float dt = p.softplus ? softplus(x[t]) : x[t];
-        const float sig = p.softplus && x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
-        const Gate gt = gate(p.has_z, g[t], p.has_z ? z[t] : 0.f);
-        if (p.has_z) dz[t] = g[t] * yp[t] * gt.sz * (1.f + z[t] * (1.f - gt.sz));
-        float* row = walk + t * kRow;
-        row[j] = in ? dt : 0.f;
-        row[C + j] = in ? uv[t] : 0.f;
-        row[2 * C + j] = in ? gt.dy : 0.f;
-        row[3 * C + j] = in ? sig : 0.f;
-        dD = fmaf(in ? gt.dy : 0.f, in ? uv[t] : 0.f, dD);
-      }
-      if (p.has_z && chan) store8(static_cast<T*>(p.dz) + (int64_t(b) * p.E + j) * p.L + t0, n, dz);
-    }
-    __syncwarp();
-    // the chunk's states, forward (h_{-1} is the checkpoint)
-    float h[C][kSt];
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      h[c][0] = cur.h0[c].x;
-      h[c][1] = cur.h0[c].y;
-    }
-#pragma unroll
-    for (int t = 0; t < kChunk - 1; ++t) {
-      float w[2 * C];  // dt | u
-      const float4* row = reinterpret_cast<const float4*>(walk + t * kRow);
-#pragma unroll
-      for (int q = 0; q < 2 * C / 4; ++q) {
-        const float4 v = row[q];
-        w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
-      }
-      const float Bt[kSt] = {elem(cur.bc[0], t), elem(cur.bc[1], t)};
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float dtu = w[c] * w[C + c];
-#pragma unroll
-        for (int k = 0; k < kSt; ++k) h[c][k] = fmaf(ex2(w[c] * A2[c][k]), h[c][k], dtu * Bt[k]);
-      }
-#pragma unroll
-      for (int q = 0; q < kRec / 4; ++q)
-        sm.hs[t][q][tid] = make_float4(h[2 * q][0], h[2 * q][1], h[2 * q + 1][0], h[2 * q + 1][1]);
-    }
-    {  // h_7
-      const float* row = walk + (kChunk - 1) * kRow;
-      const float Bt[kSt] = {elem(cur.bc[0], kChunk - 1), elem(cur.bc[1], kChunk - 1)};
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float dt = row[c], dtu = dt * row[C + c];
-#pragma unroll
-        for (int k = 0; k < kSt; ++k) h[c][k] = fmaf(ex2(dt * A2[c][k]), h[c][k], dtu * Bt[k]);
-      }
-    }
-    // backwards through the chunk; h holds h_t
-    float dBC[4][kChunk];  // rows 2j, 2j + 1 of dB, then of dC
-#pragma unroll
-    for (int t = kChunk - 1; t >= 0; --t) {
-      float w[3 * C + 2];  // dt | u | dy (and two sig)
-      const float4* row = reinterpret_cast<const float4*>(walk + t * kRow);
-#pragma unroll
-      for (int q = 0; q < (3 * C + 2) / 4; ++q) {
-        const float4 v = row[q];
-        w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
-      }
-      float hp[C][kSt];
-#pragma unroll
-      for (int q = 0; q < kRec / 4; ++q) {
-        const float4 v = t ? sm.hs[t - 1][q][tid]
-                           : make_float4(cur.h0[2 * q].x, cur.h0[2 * q].y, cur.h0[2 * q + 1].x, cur.h0[2 * q + 1].y);
-        hp[2 * q][0] = v.x; hp[2 * q][1] = v.y; hp[2 * q + 1][0] = v.z; hp[2 * q + 1][1] = v.w;
-      }
-      const float Bt[kSt] = {elem(cur.bc[0], t), elem(cur.bc[1], t)};
-      const float Ct[kSt] = {elem(cur.bc[2], t), elem(cur.bc[3], t)};
-      float dB[kSt] = {}, dC[kSt] = {}, sums[kPart];
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float dt = w[c], dtu = dt * w[C + c], dy = w[2 * C + c];
-        float dlog = 0.f, gB = 0.f;
-#pragma unroll
-        for (int k = 0; k < kSt; ++k) {
-          const float a = ex2(dt * A2[c][k]);
-          const float g = fmaf(Ct[k], dy, r[c][k]);
-          r[c][k] = a * g;
-          const float term = r[c][k] * hp[c][k];  // g_t a_t h_{t-1}: the gradient at log a_t
-          dA[c][k] = fmaf(term, dt, dA[c][k]);
-          dlog = fmaf(term, A2[c][k], dlog);
-          gB = fmaf(g, Bt[k], gB);
-          dB[k] = fmaf(g, dtu, dB[k]);
-          dC[k] = fmaf(h[c][k], dy, dC[k]);
-          h[c][k] = hp[c][k];
-        }
-        sums[c] = dlog;
-        sums[C + c] = gB;
-      }
-      float4* mine = reinterpret_cast<float4*>(&sm.part[seg][t][j * kPart]);
-#pragma unroll
-      for (int q = 0; q < kPart / 4; ++q)
-        mine[q] = make_float4(sums[4 * q], sums[4 * q + 1], sums[4 * q + 2], sums[4 * q + 3]);
-#pragma unroll
-      for (int k = 0; k < kSt; ++k) {
-        dBC[k][t] = dB[k];
-        dBC[kSt + k][t] = dC[k];
-      }
-    }
-    __syncwarp();
-    {  // token j: the sums over states, ddelta and du
-      float w[4 * C], dlog[C] = {}, gB[C] = {};
-      const float4* row = reinterpret_cast<const float4*>(walk + j * kRow);
-#pragma unroll
-      for (int q = 0; q < C; ++q) {
-        const float4 v = row[q];
-        w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
-      }
-#pragma unroll
-      for (int l = 0; l < kLanes; ++l) {
-#pragma unroll
-        for (int q = 0; q < kPart / 4; ++q) {
-          const float4 v = part4[l * kPart / 4 + q];
-          const float e[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int m = 4 * q + i;
-            if (m < C) dlog[m] += e[i];
-            else gB[m - C] += e[i];
-          }
-        }
-      }
-      const int64_t t = t0 + j;
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float dt = w[c], u = w[C + c], dy = w[2 * C + c], sig = w[3 * C + c];
-        const float ddt = sig * fmaf(gB[c], u, dlog[c] * 0.6931471805599453f);  // dlog was summed in log2
-        dbias[c] += ddt;
-        if (c < p.E && j < n) {
-          const int64_t at = (int64_t(b) * p.E + c) * p.L + t;
-          put(static_cast<T*>(p.ddelta) + at, ddt);
-          put(static_cast<T*>(p.du) + at, fmaf(gB[c], dt, Dv[c] * dy));
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r_out = (i / kSt) * kStates + 2 * j + i % kSt;
-      store8(static_cast<T*>(p.dBC) + (int64_t(b) * 2 * kStates + r_out) * p.L + t0, n, dBC[i]);
-    }
-    cur = nxt;
-  }
-  // per-block sums of dA, dD, ddelta_bias (summed over blocks by the caller)
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-#pragma unroll
-    for (int k = 0; k < kSt; ++k) atomicAdd(&sm.dA[c][2 * j + k], dA[c][k]);
-    atomicAdd(&sm.dbias[c], dbias[c]);
-  }
-  if (chan) atomicAdd(&sm.dD[j], dD);
-  __syncthreads();
-  const int64_t blk = int64_t(b) * p.n_sup + blockIdx.x;
-  for (int q = tid; q < p.E * kStates; q += kThreads) p.dA_part[blk * p.E * kStates + q] = sm.dA[q / kStates][q % kStates];
-  if (tid < p.E) {
-    p.dD_part[blk * p.E + tid] = sm.dD[tid];
-    p.dbias_part[blk * p.E + tid] = sm.dbias[tid];
-  }
-}
-
 // ---- carry between superblocks ----------------------------------------------------------------------
 
 constexpr int kCarryThreads = 1024;  // 8,192 superblocks (16.8 M tokens): stretches of 8
@@ -1112,25 +787,12 @@ void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t 
 }
 
 template <typename T>
-void launch_narrow(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
-  TORCH_CHECK(kernel == "bwd_main", "group 8 runs bwd_main only, not ", kernel);
-  TORCH_CHECK(p.E <= narrow::C && !p.atomic_bc, "group 8 holds up to ", narrow::C, " channels, got ", p.E);
-  TORCH_CHECK(!p.has_z || p.ypre, "group 8 needs ypre, y before the gate, from fwd_out");
-  TORCH_CHECK(p.n_sup == (p.n_seg + narrow::SB - 1) / narrow::SB, "n_sup ", p.n_sup, " does not fit ", p.n_seg,
-              " segments in blocks of ", narrow::SB, " (group 8)");
-  const int bytes = sizeof(NarrowSmem);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_narrow_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  bwd_narrow_kernel<T><<<grid, narrow::kThreads, bytes, stream>>>(p);
-}
-
-template <typename T>
 void launch_group(int group, const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
-  if (group == 8) launch_narrow<T>(kernel, p, grid, stream);
-  else if (group == 12) launch<T, 12>(kernel, p, grid, stream);
+  if (group == 12) launch<T, 12>(kernel, p, grid, stream);
   else if (group == 16) launch<T, 16>(kernel, p, grid, stream);
   else if (group == 24) launch<T, 24>(kernel, p, grid, stream);
   else if (group == 32) launch<T, 32>(kernel, p, grid, stream);
-  else TORCH_CHECK(false, "group must be 8 (bwd_main), 12, 16, 24 or 32, got ", group);
+  else TORCH_CHECK(false, "group must be 12, 16, 24 or 32, got ", group);
 }
 
 }  // namespace
@@ -1176,7 +838,7 @@ void run(const std::string& kernel, const Tensors& t, const std::map<std::string
   p.dD_part = f32(t, "dD_part");
   p.dbias_part = f32(t, "dbias_part");
   for (auto [key, slot] : {std::pair<const char*, void**>{"out", &p.out}, {"du", &p.du}, {"ddelta", &p.ddelta},
-                           {"dz", &p.dz}, {"dBC", &p.dBC}, {"ypre", &p.ypre}}) {
+                           {"dz", &p.dz}, {"dBC", &p.dBC}}) {
     const at::Tensor* x = find(t, key);
     if (!x) continue;
     // rows of L tokens, one after the other: contiguous, or a slice of channels of one batch element
@@ -1186,8 +848,7 @@ void run(const std::string& kernel, const Tensors& t, const std::map<std::string
     *slot = x->data_ptr();
   }
   const int group = int(n.at("group"));
-  const int slots = group == 8 ? narrow::C : group / 2;  // channels a block holds
-  const dim3 grid(p.n_sup, int((p.E + slots - 1) / slots), int(u.size(0)));
+  const dim3 grid(p.n_sup, int((p.E + group / 2 - 1) / (group / 2)), int(u.size(0)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (u.scalar_type() == at::kFloat) launch_group<float>(group, kernel, p, grid, stream);
   else if (u.scalar_type() == at::kBFloat16) launch_group<__nv_bfloat16>(group, kernel, p, grid, stream);
