@@ -564,14 +564,16 @@ void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool re
   LinParams p = lin_params(x, w, y, reverse);
   p.y = y.data_ptr();
   const dim3 grid(unsigned(linear_blocks(p.L)), unsigned(x.size(0)));
+  // the 8-token kernels need an eighth of the blocks; below the cap, more would only stage weights
+  const dim3 grid8(unsigned(linear_blocks((p.L + kChunk - 1) / kChunk)), grid.y);
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
     by_dtype(x, [&](auto t) {
       using T = decltype(t);
       constexpr int K = decltype(k)::value, N = decltype(n)::value;
       if (p.y_t == 1 && token_major(p.x_k, p.x_t, K))
-        linear8_fwd_kernel<T, K, N, false><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+        linear8_fwd_kernel<T, K, N, false><<<grid8, kLinThreads, 0, stream_of(x)>>>(p);
       else if (p.x_t == 1 && token_major(p.y_n, p.y_t, N))
-        linear8_fwd_kernel<T, K, N, true><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+        linear8_fwd_kernel<T, K, N, true><<<grid8, kLinThreads, 0, stream_of(x)>>>(p);
       else
         linear_fwd_kernel<T, K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
     });
