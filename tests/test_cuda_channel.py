@@ -1,8 +1,8 @@
 """The CUDA token-wise ops (methods/ssm/cuda_channel.py) and the mixer's fused branch
 (methods/ssm/fused_branch.py) on the GPU: the convolution and the linear maps against float64
 references (the checks of test_triton_conv.py and test_triton_linear.py), the convolution's second
-gradient and strided gradient buffer, the scan writing its gradients into slices of one buffer, and the
-fused branch against the unfused one."""
+gradient and strided gradient buffer, the convolution with x_proj in one kernel, the scan writing its
+gradients into slices of one buffer, and the fused branch against the unfused one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,33 @@ def test_conv_backward_adds_a_second_gradient_and_writes_into_a_slice(width):
     assert dx.data_ptr() == buffer.data_ptr() and (buffer[:, channels:] == 7.0).all()
     for name, got, ref_value in (("y", y, ref), ("dx", dx, want[0]), ("dw", dw, want[1]), ("db", db, want[2])):
         assert rel_err(got, ref_value) < 1e-5, name
+
+
+@pytest.mark.parametrize("channels,width,dtype,tol", [(6, 4, torch.float32, 1e-5), (6, 3, torch.bfloat16, 1e-2),
+                                                     (12, 4, torch.bfloat16, 1e-2), (5, 4, torch.float32, 1e-5)])
+def test_conv_and_projection_in_one_kernel_match_float64(channels, width, dtype, tol):
+    """conv_proj_forward: u = silu(conv(x)) and proj = w_proj u (x_proj's 6 -> 38 and 12 -> 44, one
+    kernel; 5 channels take the two kernels) against float64, x a slice of a (batch, 2E, L) buffer, at
+    a length that is no multiple of a thread's 8 tokens or a block's 1024."""
+    from methods.ssm import cuda_channel
+
+    gen = torch.Generator().manual_seed(channels * width)
+    batch, length, outputs = 2, 2061, channels + 32
+    xz = torch.randn(batch, 2 * channels, length, generator=gen, dtype=torch.float64)
+    w = torch.randn(channels, 1, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(channels, generator=gen, dtype=torch.float64)
+    w_proj = torch.randn(outputs, channels, generator=gen, dtype=torch.float64) / channels ** 0.5
+    x = xz[:, :channels].to(dtype).double()
+    u_want = F.silu(F.conv1d(F.pad(x, (width - 1, 0)), w.float().double(), b.float().double(), groups=channels))
+    # the projection reads u as stored, rounded to the dtype
+    proj_want = torch.einsum("ne,bel->bnl", w_proj.to(dtype).double(), u_want.to(dtype).double())
+    assert cuda_channel._ext().conv_proj_supports(channels, outputs) == (channels != 5)
+    gpu = xz.to("cuda", dtype)
+    u, proj = cuda_channel.conv_proj_forward(gpu[:, :channels], w.float().cuda(), b.float().cuda(),
+                                             w_proj.to("cuda", dtype))
+    assert u.shape == (batch, channels, length) and proj.shape == (batch, outputs, length)
+    assert u.dtype == proj.dtype == dtype
+    assert rel_err(u, u_want) < tol and rel_err(proj, proj_want) < tol
 
 
 def test_linear_matches_float64_matmuls():

@@ -60,6 +60,23 @@ def conv_forward(x, weight, bias=None):
     return y
 
 
+def conv_proj_forward(x, weight, bias, w_proj):
+    """(u, proj): u = `conv_forward`(x, weight, bias) and proj = w_proj u (batch, N, L), one kernel where
+    it is compiled for (E, N) (the mixer's x_proj at 6 and 12 inner channels: the projection reads u
+    from registers, not memory), else the two maps one after the other."""
+    ext = _ext()
+    if not (conv_supports(x, weight) and x.shape[0] <= MAX_GRID_Y
+            and ext.conv_proj_supports(x.shape[1], w_proj.shape[0])):
+        u = conv_forward(x, weight, bias)
+        return u, linear_forward(u, w_proj, False, False)
+    x = _tokens_contiguous(x)
+    w, b = _conv_weights(weight, bias, x.shape[1])
+    u = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    proj = torch.empty(x.shape[0], w_proj.shape[0], x.shape[2], device=x.device, dtype=x.dtype)
+    ext.conv_proj_fwd(x, w, b, u, w_proj.float().contiguous(), proj)
+    return u, proj
+
+
 def conv_backward(x, weight, bias, dy, dy2=None, dx=None):
     """(dx, dweight, dbias) of `conv_forward` for the gradient dy (+ dy2) at its output; dx may be a
     buffer to write into (token stride 1), e.g. a slice of the mixer's in_proj gradient."""

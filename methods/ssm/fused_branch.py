@@ -22,8 +22,7 @@ class FusedBranch(torch.autograd.Function):
     def forward(ctx, xz, conv_weight, conv_bias, w_proj, A, D, delta_bias):
         inner, state = xz.shape[1] // 2, A.shape[1]
         x, z = xz[:, :inner], xz[:, inner:]
-        u = cuda_channel.conv_forward(x, conv_weight, conv_bias)
-        proj = cuda_channel.linear_forward(u, w_proj, False, False)
+        u, proj = cuda_channel.conv_proj_forward(x, conv_weight, conv_bias, w_proj)
         delta, B, C = proj.split([inner, state, state], dim=1)
         y, _, saved = cuda_scan.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
         ctx.save_for_backward(xz, conv_weight, conv_bias, w_proj, *saved.tensors)

@@ -12,6 +12,9 @@ void carry(const at::Tensor& summary, const at::Tensor& dtsum, const at::Tensor&
 void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y);
 void conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& dy,
               const std::optional<at::Tensor>& dy2, at::Tensor& dx, at::Tensor& dw_part, at::Tensor& db_part);
+bool conv_proj_supports(int64_t E, int64_t N);
+void conv_proj_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                   const at::Tensor& w_proj, at::Tensor& proj);
 bool linear_supports(int64_t K, int64_t N);
 int64_t linear_blocks(int64_t L);
 void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse);
@@ -23,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("carry", &carry, "the scan's carry between superblocks");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU");
   m.def("conv_bwd", &conv_bwd, "its backward (gradient dy + dy2)");
+  m.def("conv_proj_supports", &conv_proj_supports, "whether conv_proj_fwd is compiled for E channels, N outputs");
+  m.def("conv_proj_fwd", &conv_proj_fwd, "conv_fwd, then a linear map of its output (the mixer's x_proj)");
   m.def("linear_supports", &linear_supports, "whether a K -> N linear map is compiled");
   m.def("linear_blocks", &linear_blocks, "blocks per batch element of the linear maps' backward");
   m.def("linear_fwd", &linear_fwd, "token-wise linear map");

@@ -1,6 +1,6 @@
 // Token-wise ops of a Mamba mixer over few channels and long sequences, in CUDA: the short causal
-// convolution with SiLU, and the linear maps with at most 72 weights (in_proj and out_proj of the
-// narrowest Pixel-Mamba layer). Reference implementations beside them: methods/ssm/triton_conv.py and
+// convolution with SiLU (alone, or followed by x_proj in the same kernel at 6 and 12 channels), and the
+// linear maps with at most 72 weights (in_proj and out_proj of the narrowest Pixel-Mamba layer). Reference implementations beside them: methods/ssm/triton_conv.py and
 // methods/ssm/triton_linear.py (and F.conv1d / F.linear on the CPU).
 //
 // Why not the Triton kernels: their tiles pad 3-12 channels to 16 (tl.dot's smallest side) or 6 to 8,
@@ -65,6 +65,8 @@ struct ConvParams {
   const float *w, *bias;
   void *y, *dx;
   float *dw_part, *db_part;  // (token blocks, batch x E, W) and (token blocks, batch x E)
+  const float* w_proj;       // (N, E): the projection of conv_proj_fwd_kernel
+  void* proj;                // its output, contiguous (batch, N, L)
   int64_t L, x_b, x_e, g_b, g_e, g2_b, g2_e, dx_b, dx_e;
   int E;
 };
@@ -102,6 +104,48 @@ __global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(ConvParams p) {
     y[t] = pre * sigmoid(pre);
   }
   store8(static_cast<T*>(p.y) + int64_t(blockIdx.y) * p.L + t0, inside(t0, p.L), y);
+}
+
+// The convolution of every channel of 8 tokens, then the projection of the result proj = w_proj u
+// (the mixer's x_proj with dt_proj folded in: delta | B | C, N = E + 32 rows) in the same pass, so that
+// u is not read back from memory by a second kernel. The projection takes u as stored, rounded to T,
+// as a separate map reading it would. u: contiguous (batch, E, L); grid (token blocks, batch).
+template <typename T, int E, int N, int W>
+__global__ void __launch_bounds__(kConvThreads) conv_proj_fwd_kernel(ConvParams p) {
+  __shared__ float wp[N * E];
+  for (int i = threadIdx.x; i < N * E; i += kConvThreads) wp[i] = p.w_proj[i];
+  __syncthreads();
+  const int b = blockIdx.y;
+  const int64_t t0 = (int64_t(blockIdx.x) * kConvThreads + threadIdx.x) * kChunk;
+  if (t0 >= p.L) return;
+  const int n = inside(t0, p.L);
+  float u[E][kChunk];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const T* x = static_cast<const T*>(p.x) + b * p.x_b + e * p.x_e;
+    float xv[kChunk + W - 1];  // x at t0 - (W - 1) ..
+#pragma unroll
+    for (int i = 0; i < W - 1; ++i) xv[i] = load_or_zero(x, t0 - (W - 1) + i, p.L);
+    load8(x, t0, p.L, xv + W - 1);
+    const float bias = p.bias ? p.bias[e] : 0.f;
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      float pre = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) pre = fmaf(p.w[e * W + k], xv[t + k], pre);
+      u[e][t] = to_f(from_f<T>(pre * sigmoid(pre)));
+    }
+    store8(static_cast<T*>(p.y) + (int64_t(b) * E + e) * p.L + t0, n, u[e]);
+  }
+#pragma unroll 2
+  for (int o = 0; o < N; ++o) {
+    float acc[kChunk] = {};
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) acc[t] = fmaf(wp[o * E + e], u[e][t], acc[t]);
+    store8(static_cast<T*>(p.proj) + (int64_t(b) * N + o) * p.L + t0, n, acc);
+  }
 }
 
 // dx[t] = sum_j w[W - 1 - j] dpre[t + j], dpre = (dy + dy2) silu'(pre); the pre-activations of the
@@ -471,6 +515,47 @@ void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::
       conv_fwd_kernel<decltype(t), decltype(W)::value><<<conv_grid(x), kConvThreads, 0, stream_of(x)>>>(p);
     });
   });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The (E, N) pairs conv_proj_fwd is compiled for: Pixel-Mamba's 6 and 12 inner channels with d_state 16.
+template <typename F>
+bool by_proj_shape(int E, int N, F&& f) {
+  if (E == 6 && N == 38) f(std::integral_constant<int, 6>{}, std::integral_constant<int, 38>{});
+  else if (E == 12 && N == 44) f(std::integral_constant<int, 12>{}, std::integral_constant<int, 44>{});
+  else return false;
+  return true;
+}
+
+bool conv_proj_supports(int64_t E, int64_t N) { return by_proj_shape(int(E), int(N), [](auto, auto) {}); }
+
+// conv_fwd, then proj = w_proj y: w_proj contiguous float32 (N, E), proj contiguous (batch, N, L) of x's dtype
+void conv_proj_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                   const at::Tensor& w_proj, at::Tensor& proj) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvParams p = conv_params(x, w, bias);
+  TORCH_CHECK(y.is_contiguous() && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "bad y");
+  TORCH_CHECK(w_proj.scalar_type() == at::kFloat && w_proj.is_contiguous() && w_proj.dim() == 2 &&
+                  w_proj.size(1) == x.size(1),
+              "w_proj must be contiguous float32 (N, E)");
+  TORCH_CHECK(proj.is_contiguous() && proj.dim() == 3 && proj.size(0) == x.size(0) && proj.size(1) == w_proj.size(0) &&
+                  proj.size(2) == x.size(2) && proj.scalar_type() == x.scalar_type(),
+              "bad proj");
+  TORCH_CHECK(x.size(0) <= kMaxGridY, "conv_proj_fwd takes a batch of at most ", kMaxGridY);
+  p.y = y.data_ptr();
+  p.w_proj = w_proj.data_ptr<float>();
+  p.proj = proj.data_ptr();
+  const int64_t per_block = int64_t(kConvThreads) * kChunk;
+  const dim3 grid(unsigned((p.L + per_block - 1) / per_block), unsigned(x.size(0)));
+  const bool ok = by_proj_shape(p.E, int(w_proj.size(0)), [&](auto e, auto n) {
+    by_dtype(x, [&](auto t) {
+      by_width(int(w.size(1)), [&](auto W) {
+        conv_proj_fwd_kernel<decltype(t), decltype(e)::value, decltype(n)::value, decltype(W)::value>
+            <<<grid, kConvThreads, 0, stream_of(x)>>>(p);
+      });
+    });
+  });
+  TORCH_CHECK(ok, "conv_proj_fwd is not compiled for ", p.E, " channels and ", w_proj.size(0), " outputs");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

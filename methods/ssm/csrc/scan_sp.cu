@@ -457,9 +457,12 @@ struct BwdSmem {
   float bc[Ln::SB][2 * kStates][kPair + 1];  // a segment's dB | dC for 16 tokens (+1: banks)
 };
 
-template <typename T, int G>
+// kSlots: the channel slots whose dB | dC terms are summed; fewer than the group's where the channels
+// leave the last slots empty (6 channels in group 16's 8: 2 of 16 loads and 4 of 14 adds a token fewer)
+template <typename T, int G, int kSlots = Lane<G>::CS>
 __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_kernel(Params p) {
   using Ln = Lane<G>;
+  static_assert(kSlots <= Ln::CS, "kSlots counts the group's channel slots");
   constexpr int kOwn = (2 * kStates + G - 1) / G;  // dB | dC entries each lane sums over the segment's channels
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<G>& sm = *reinterpret_cast<BwdSmem<G>*>(smem_raw);
@@ -519,17 +522,17 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   float(*const bc)[kPair + 1] = sm.bc[ln.seg];
   // token t's dB | dC terms of every channel of the segment (read one token late, so that the
   // shared-memory latency hides behind the next token's arithmetic), summed and written
-  using Terms = float[Ln::CS][kOwn];
+  using Terms = float[kSlots][kOwn];
   auto load_terms = [&](Terms& terms, int buf) {
 #pragma unroll
-    for (int c = 0; c < Ln::CS; ++c)
+    for (int c = 0; c < kSlots; ++c)
 #pragma unroll
       for (int o = 0; o < kOwn; ++o) terms[c][o] = sm.red[buf][ln.seg][c][owns(o) ? own0 + o : 0];
   };
   auto store_terms = [&](Terms& terms, int col) {  // col: the token's place among the 16
     // a tree over the channels: the upper half (rounded down) onto the lower, until one is left
 #pragma unroll
-    for (int w = Ln::CS; w > 1; w = (w + 1) / 2)
+    for (int w = kSlots; w > 1; w = (w + 1) / 2)
 #pragma unroll
       for (int c = 0; c + (w + 1) / 2 < w; ++c)
 #pragma unroll
@@ -769,6 +772,11 @@ void row_strides(const Tensors& t, const char* key, const void*& ptr, int64_t& s
   sr = x->stride(1);
 }
 
+void launch_bwd_main(void (*kernel)(Params), int bytes, const Params& p, dim3 grid, int threads, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<grid, threads, bytes, stream>>>(p);
+}
+
 template <typename T, int G>
 void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int threads = Lane<G>::kThreads;
@@ -779,9 +787,11 @@ void launch(const std::string& kernel, const Params& p, dim3 grid, cudaStream_t 
   else if (kernel == "fwd_out") fwd_out_kernel<T, G><<<grid, threads, 0, stream>>>(p);
   else if (kernel == "bwd_summary") bwd_summary_kernel<T, G><<<grid, threads, 0, stream>>>(p);
   else if (kernel == "bwd_main") {
-    const int bytes = sizeof(BwdSmem<G>);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_main_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    bwd_main_kernel<T, G><<<grid, threads, bytes, stream>>>(p);
+    // channels in group 16's first 6 slots only (the grid's one block row), as at Pixel-Mamba's 6
+    if constexpr (G == 16) {
+      if (p.E <= 6) return launch_bwd_main(bwd_main_kernel<T, G, 6>, sizeof(BwdSmem<G>), p, grid, threads, stream);
+    }
+    launch_bwd_main(bwd_main_kernel<T, G>, sizeof(BwdSmem<G>), p, grid, threads, stream);
   }
   else TORCH_CHECK(false, "unknown scan kernel ", kernel);
 }
