@@ -1,8 +1,9 @@
 """The CUDA token-wise ops (methods/ssm/cuda_channel.py) and the mixer's fused branch
 (methods/ssm/fused_branch.py) on the GPU: the convolution and the linear maps against float64
 references (the checks of test_triton_conv.py and test_triton_linear.py), the convolution's second
-gradient and strided gradient buffer, the convolution with x_proj in one kernel, the scan writing its
-gradients into slices of one buffer, and the fused branch against the unfused one."""
+gradient and strided gradient buffer, the convolution with x_proj in one kernel, the two in_proj maps
+with one gradient, the scan writing its gradients into slices of one buffer, and the fused branch
+against the unfused one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,37 @@ def test_linear_maps_in_the_mixer_layouts_match_float64(k_in, n_out, dtype, tol,
     assert dx.stride() == x.stride()
     for name, got in (("y", y), ("dx", dx), ("dw", dw)):
         assert rel_err(got, want[name]) < tol, name
+
+
+@pytest.mark.parametrize("x_dtype,length", [(torch.float32, 4099), (torch.bfloat16, 4096)])
+def test_in_proj_pair_reads_and_returns_the_input_dtype(x_dtype, length):
+    """linear_pair: in_proj forwards and backwards (bf16 outputs) from a token-major float32 or bf16
+    input, against float64; the backward sums both maps' gradients into one dx of the input's dtype and
+    layout, and dw in the weight's dtype."""
+    from methods.ssm import cuda_channel
+
+    gen = torch.Generator().manual_seed(length)
+    batch, k_in, n_out = 2, 3, 12
+    hidden = torch.randn(batch, length, k_in, generator=gen, dtype=torch.float64)
+    weight = torch.randn(n_out, k_in, generator=gen, dtype=torch.float64)
+    dy, dy_b = (torch.randn(batch, n_out, length, generator=gen).to(torch.bfloat16) for _ in range(2))
+    x64 = hidden.to(x_dtype).double().transpose(1, 2)
+    w64 = weight.float().to(torch.bfloat16).double()
+    g = dy.double() + dy_b.double().flip(-1)  # the gradient at x[t]: from y[t] and from y_b[L - 1 - t]
+    want = dict(y=w64 @ x64, y_b=(w64 @ x64).flip(-1), dx=(w64.T @ g).transpose(1, 2),
+                dw=torch.einsum("bnl,bkl->nk", g, x64))
+
+    x = hidden.to("cuda", x_dtype).requires_grad_(True)
+    w = weight.to("cuda", torch.float32).requires_grad_(True)
+    assert cuda_channel.linear_pair_supports(x.transpose(1, 2), w, torch.bfloat16)
+    y, y_b = cuda_channel.linear_pair(x.transpose(1, 2), w, torch.bfloat16)
+    dx, dw = torch.autograd.grad((y, y_b), (x, w), (dy.cuda(), dy_b.cuda()))
+    assert y.dtype == y_b.dtype == torch.bfloat16 and dx.dtype == x_dtype and dw.dtype == torch.float32
+    assert dx.stride() == x.stride()
+    for name, got, tol in (("y", y, 1e-2), ("y_b", y_b, 1e-2), ("dx", dx, 1e-5 if x_dtype == torch.float32 else 1e-2),
+                           ("dw", dw, 1e-5)):
+        assert rel_err(got, want[name]) < tol, name
+    assert not cuda_channel.linear_pair_supports(x.transpose(1, 2).contiguous(), w, torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

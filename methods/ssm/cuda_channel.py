@@ -128,7 +128,7 @@ def linear_backward(x, w, dy, reverse: bool):
     dx = torch.empty_like(x)
     blocks = _ext().linear_blocks(length)
     dw_part = torch.empty(batch * blocks, *w.shape, device=x.device, dtype=torch.float32)
-    _ext().linear_bwd(x, w.float().contiguous(), dy, dx, dw_part, reverse)
+    _ext().linear_bwd(x, w.float().contiguous(), dy, dx, dw_part, reverse, None)
     return dx, dw_part.sum(0).to(w.dtype)
 
 
@@ -136,3 +136,46 @@ def channel_linear(x, weight, reverse: bool = False, token_major_out: bool = Fal
     """`triton_linear.channel_linear` (same arguments and checks), by the CUDA kernel where it is
     compiled for the weight's shape."""
     return triton_linear.channel_linear(x, weight, reverse, token_major_out, kernels=sys.modules[__name__])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision Mamba's two in_proj maps
+
+
+def linear_pair_supports(x, weight, dtype) -> bool:
+    """Whether `linear_pair` runs x (batch, K, L), a float32 or bfloat16 token-major view (the mixer's
+    input, transposed), with weight (N, K), in dtype: bfloat16 and a compiled shape."""
+    return (x.dtype in DTYPES and dtype == torch.bfloat16 and x.dim() == 3 and x.stride(1) == 1
+            and x.stride(2) == x.shape[1] and linear_supports(x, weight))
+
+
+class LinearPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, dtype):
+        w = weight.to(dtype).float().contiguous()  # rounded as a map in dtype rounds it
+        batch, _, length = x.shape
+        y, y_b = (torch.empty(batch, w.shape[0], length, device=x.device, dtype=dtype) for _ in range(2))
+        _ext().linear_fwd(x, w, y, False)
+        _ext().linear_fwd(x, w, y_b, True)
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype = weight.dtype
+        return y, y_b
+
+    @staticmethod
+    def backward(ctx, dy, dy_b):
+        x, w = ctx.saved_tensors
+        batch, _, length = x.shape
+        dx = torch.empty_like(x)
+        dw_part = torch.empty(batch * _ext().linear_blocks(length), *w.shape, device=x.device,
+                              dtype=torch.float32)
+        _ext().linear_bwd(x, w, _tokens_contiguous(dy), dx, dw_part, False, _tokens_contiguous(dy_b))
+        return dx, dw_part.sum(0).to(ctx.weight_dtype), None
+
+
+def linear_pair(x, weight, dtype):
+    """(y, y_b) = (weight x[:, :, t], weight x[:, :, L - 1 - t]) in dtype, channel-first (batch, N, L):
+    Vision Mamba's two in_proj maps, reading the float32 input as it is (no cast to dtype first) and
+    writing one float32 gradient for both (no cast back, no sum of two gradients): 0.28 ms of a 22 ms
+    mixer step at 6 channels x 16.8 M tokens (docs/performance.md, session 13). Only where
+    `linear_pair_supports`."""
+    return LinearPair.apply(x, weight, dtype)

@@ -169,12 +169,8 @@ class BiMambaMixer(_TwoBranchMamba):
         is channel-first (batch, C, L), and the backward branch reads in_proj's input and writes
         out_proj's output in reversed token order, so no flip is ever copied."""
         dtype = _matmul_dtype(hidden)
-        h = hidden.transpose(1, 2).to(dtype)
-        w_in, w_out = self.in_proj.weight.to(dtype), self.out_proj.weight.to(dtype)
-        # both in_proj maps first: the GPU runs them while Python prepares the branches' weights (at
-        # the start of a step it would otherwise wait for each small kernel, docs/gpu_notes.md session 10)
-        xz = linear(h, w_in)
-        xz_b = linear(h, w_in, reverse=True) if self.bidirectional else None
+        xz, xz_b = self._in_proj_maps(hidden.transpose(1, 2), linear, dtype)
+        w_out = self.out_proj.weight.to(dtype)
         y = self._channel_first_branch(xz, "", linear, dtype)
         if not self.bidirectional:
             return linear(y, w_out, token_major_out=True).transpose(1, 2)
@@ -182,6 +178,18 @@ class BiMambaMixer(_TwoBranchMamba):
         half = w_out / 2  # out_proj((y + flip(y_b)) / 2) as two maps: the flip is a read order
         out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
         return out.transpose(1, 2)
+
+    def _in_proj_maps(self, x, linear, dtype):
+        """in_proj of x (batch, d_model, L), and for the backward branch of x read backwards (else None),
+        channel-first in dtype. Both maps come first: the GPU runs them while Python prepares the
+        branches' weights (at the start of a step it would otherwise wait for each small kernel,
+        docs/gpu_notes.md session 10)."""
+        from methods.ssm import cuda_channel  # imports triton: only when used
+
+        if self.bidirectional and cuda_channel.linear_pair_supports(x, self.in_proj.weight, dtype):
+            return cuda_channel.linear_pair(x, self.in_proj.weight, dtype)
+        h, w_in = x.to(dtype), self.in_proj.weight.to(dtype)
+        return linear(h, w_in), (linear(h, w_in, reverse=True) if self.bidirectional else None)
 
 
 def sr_reorder(x, rate: int):

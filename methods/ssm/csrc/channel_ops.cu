@@ -220,11 +220,11 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(ConvParams p) {
 constexpr int kLinThreads = 256;
 
 struct LinParams {
-  const void *x, *dy;
-  const float* w;  // (N, K)
+  const void *x, *dy, *dy2;  // dy2: the gradient at a second map of x that reads it backwards, or null
+  const float* w;            // (N, K)
   void *y, *dx;
-  float* dw_part;  // (blocks, N, K)
-  int64_t L, x_b, x_k, x_t, y_b, y_n, y_t, dx_b, dx_k, dx_t;
+  float* dw_part;            // (blocks, N, K)
+  int64_t L, x_b, x_k, x_t, y_b, y_n, y_t, y2_b, y2_n, y2_t, dx_b, dx_k, dx_t;
   bool reverse;
 };
 
@@ -264,19 +264,28 @@ __global__ void __launch_bounds__(kLinThreads) linear_fwd_kernel(LinParams p) {
 }
 
 // dx[b, k, src(t)] = sum_n w[n, k] dy[b, n, t]; dw[n, k] = sum_t dy[b, n, t] x[b, k, src(t)], summed per
-// block into dw_part[batch x blockIdx.x]
-template <typename T, int K, int N>
+// block into dw_part[batch x blockIdx.x]. With dy2, the gradient at the same map of x read the other way
+// (Vision Mamba's two in_proj maps) is added in: dy[b, n, t] + dy2[b, n, L - 1 - t]. x and dx are of type
+// Tx (float32 where the mixer's input is and its maps run in bf16), dy and dy2 of T.
+template <typename T, int K, int N, typename Tx = T>
 __global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
   float w[N][K], dw[N * K] = {};
   load_weights(p.w, w);
-  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  const Tx* x = static_cast<const Tx*>(p.x) + blockIdx.y * p.x_b;
   const T* g = static_cast<const T*>(p.dy) + blockIdx.y * p.y_b;
-  T* dx = static_cast<T*>(p.dx) + blockIdx.y * p.dx_b;
+  const T* g2 = p.dy2 ? static_cast<const T*>(p.dy2) + blockIdx.y * p.y2_b : nullptr;
+  Tx* dx = static_cast<Tx*>(p.dx) + blockIdx.y * p.dx_b;
   for (int64_t t = int64_t(blockIdx.x) * kLinThreads + threadIdx.x; t < p.L; t += int64_t(gridDim.x) * kLinThreads) {
     const int64_t src = p.reverse ? p.L - 1 - t : t;
     float xv[K], gv[N];
     load_token(x, p.x_k, src * p.x_t, xv);
     load_token(g, p.y_n, t * p.y_t, gv);
+    if (g2) {
+      float g2v[N];
+      load_token(g2, p.y2_n, (p.L - 1 - t) * p.y2_t, g2v);
+#pragma unroll
+      for (int n = 0; n < N; ++n) gv[n] += g2v[n];
+    }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       float acc = 0.f;
@@ -285,7 +294,7 @@ __global__ void __launch_bounds__(kLinThreads) linear_bwd_kernel(LinParams p) {
         acc = fmaf(w[n][k], gv[n], acc);
         dw[n * K + k] = fmaf(gv[n], xv[k], dw[n * K + k]);
       }
-      dx[k * p.dx_k + src * p.dx_t] = from_f<T>(acc);
+      dx[k * p.dx_k + src * p.dx_t] = from_f<Tx>(acc);
     }
   }
   __shared__ float total[N * K];
@@ -417,17 +426,18 @@ __device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
   }
 }
 
-// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major)
-template <typename T, int K, int N, bool kYTokenMajor>
+// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major);
+// x of type Tx (float32 where the mixer's input is and its maps run in bf16), y of T
+template <typename T, int K, int N, bool kYTokenMajor, typename Tx = T>
 __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
   __shared__ float w[N * K];
   stage_weights<K, N>(p.w, w);
-  const T* x = static_cast<const T*>(p.x) + blockIdx.y * p.x_b;
+  const Tx* x = static_cast<const Tx*>(p.x) + blockIdx.y * p.x_b;
   T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
   for_chunks(p, [&](Span sp_t, Span sp_src) {
     if constexpr (!kYTokenMajor) {  // the x tile, then y row by row
       float xv[K][kChunk];
-      load_tile<T, K>(x, sp_src, xv);
+      load_tile<Tx, K>(x, sp_src, xv);
 #pragma unroll
       for (int o = 0; o < N; ++o) {
         float acc[kChunk] = {};
@@ -615,11 +625,19 @@ bool by_shape(int K, int N, F&& f) {
 // a view's (channel, token) strides are those of M channels side by side per token
 bool token_major(int64_t channel_stride, int64_t token_stride, int M) { return channel_stride == 1 && token_stride == M; }
 
+// x float32 token-major (channel stride 1), y (dy) bfloat16 channel-first: the mixer's in_proj reading
+// its float32 input directly (the only layout compiled with two dtypes)
+bool mixed_in_proj(const at::Tensor& x, const at::Tensor& y) {
+  return x.scalar_type() == at::kFloat && y.scalar_type() == at::kBFloat16 && token_major(x.stride(1), x.stride(2), int(x.size(1))) &&
+         y.stride(2) == 1;
+}
+
 LinParams lin_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, bool reverse) {
   TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2), "x, y: (batch, *, L)");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(1) && w.size(1) == x.size(1),
               "w must be contiguous float32 (N, K)");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "x and y (dy) must share a dtype");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() || mixed_in_proj(x, y),
+              "x and y (dy) must share a dtype, or be float32 and bfloat16 in in_proj's layout");
   TORCH_CHECK(x.size(0) <= kMaxGridY, "the CUDA linear maps take a batch of at most ", kMaxGridY);
   LinParams p{};
   p.x = x.data_ptr();
@@ -652,9 +670,13 @@ void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool re
   // the 8-token kernels need an eighth of the blocks; below the cap, more would only stage weights
   const dim3 grid8(unsigned(linear_blocks((p.L + kChunk - 1) / kChunk)), grid.y);
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
+    constexpr int K = decltype(k)::value, N = decltype(n)::value;
+    if (x.scalar_type() != y.scalar_type()) {  // lin_params let only in_proj's layout through
+      linear8_fwd_kernel<__nv_bfloat16, K, N, false, float><<<grid8, kLinThreads, 0, stream_of(x)>>>(p);
+      return;
+    }
     by_dtype(x, [&](auto t) {
       using T = decltype(t);
-      constexpr int K = decltype(k)::value, N = decltype(n)::value;
       if (p.y_t == 1 && token_major(p.x_k, p.x_t, K))
         linear8_fwd_kernel<T, K, N, false><<<grid8, kLinThreads, 0, stream_of(x)>>>(p);
       else if (p.x_t == 1 && token_major(p.y_n, p.y_t, N))
@@ -667,12 +689,20 @@ void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool re
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// dy2: the gradient at a second output of the same map reading x the other way, added in (or none)
 void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, at::Tensor& dx, at::Tensor& dw_part,
-                bool reverse) {
+                bool reverse, const std::optional<at::Tensor>& dy2) {
   const c10::cuda::CUDAGuard guard(x.device());
   LinParams p = lin_params(x, w, dy, reverse);
   TORCH_CHECK(dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(), "dx must match x");
   p.dy = dy.data_ptr();
+  if (dy2) {
+    TORCH_CHECK(dy2->sizes() == dy.sizes() && dy2->scalar_type() == dy.scalar_type(), "dy2 must match dy");
+    p.dy2 = dy2->data_ptr();
+    p.y2_b = dy2->stride(0);
+    p.y2_n = dy2->stride(1);
+    p.y2_t = dy2->stride(2);
+  }
   p.dx = dx.data_ptr();
   p.dx_b = dx.stride(0);
   p.dx_k = dx.stride(1);
@@ -682,9 +712,12 @@ void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, 
   TORCH_CHECK(dw_part.scalar_type() == at::kFloat && dw_part.numel() == int64_t(grid.x) * grid.y * w.numel(),
               "bad dw_part");
   const bool ok = by_shape(int(w.size(1)), int(w.size(0)), [&](auto k, auto n) {
-    by_dtype(x, [&](auto t) {
-      linear_bwd_kernel<decltype(t), decltype(k)::value, decltype(n)::value><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
-    });
+    constexpr int K = decltype(k)::value, N = decltype(n)::value;
+    if (x.scalar_type() != dy.scalar_type()) {  // in_proj's layout, float32 x and dx, bf16 dy
+      linear_bwd_kernel<__nv_bfloat16, K, N, float><<<grid, kLinThreads, 0, stream_of(x)>>>(p);
+      return;
+    }
+    by_dtype(x, [&](auto t) { linear_bwd_kernel<decltype(t), K, N><<<grid, kLinThreads, 0, stream_of(x)>>>(p); });
   });
   TORCH_CHECK(ok, "no CUDA linear map compiled for ", w.size(1), " -> ", w.size(0), " channels");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
