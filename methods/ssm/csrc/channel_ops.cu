@@ -71,6 +71,17 @@ struct ConvParams {
   int E;
 };
 
+// Output row o of a K-input linear map w (N, K) over 8 tokens held as a [K][8] tile
+template <int K>
+__device__ __forceinline__ void map_row(const float* w, int o, const float (&x)[K][kChunk], float acc[kChunk]) {
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) acc[t] = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) acc[t] = fmaf(w[o * K + k], x[k][t], acc[t]);
+}
+
 template <typename T>
 __device__ __forceinline__ float load_or_zero(const T* row, int64_t t, int64_t L) {
   return t >= 0 && t < L ? to_f(row[t]) : 0.f;
@@ -139,11 +150,8 @@ __global__ void __launch_bounds__(kConvThreads) conv_proj_fwd_kernel(ConvParams 
   }
 #pragma unroll 2
   for (int o = 0; o < N; ++o) {
-    float acc[kChunk] = {};
-#pragma unroll
-    for (int e = 0; e < E; ++e)
-#pragma unroll
-      for (int t = 0; t < kChunk; ++t) acc[t] = fmaf(wp[o * E + e], u[e][t], acc[t]);
+    float acc[kChunk];
+    map_row(wp, o, u, acc);
     store8(static_cast<T*>(p.proj) + (int64_t(b) * N + o) * p.L + t0, n, acc);
   }
 }
@@ -440,11 +448,8 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
       load_tile<Tx, K>(x, sp_src, xv);
 #pragma unroll
       for (int o = 0; o < N; ++o) {
-        float acc[kChunk] = {};
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-#pragma unroll
-          for (int i = 0; i < kChunk; ++i) acc[i] = fmaf(w[o * K + k], xv[k][i], acc[i]);
+        float acc[kChunk];
+        map_row(w, o, xv, acc);
         store_row(y + o * p.y_n, sp_t, acc);
       }
     } else {  // x row by row into the y tile
