@@ -6,7 +6,8 @@
 #include <string>
 
 // scan_sp.cu
-void run(const std::string& kernel, const std::map<std::string, at::Tensor>& t, const std::map<std::string, int64_t>& n);
+void run(const std::string& kernel, const std::map<std::string, at::Tensor>& t,
+         const std::map<std::string, int64_t>& n);
 void carry(const at::Tensor& summary, const at::Tensor& dtsum, const at::Tensor& A, at::Tensor& carry, bool reverse);
 // channel_ops.cu
 void conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y);

@@ -1,7 +1,8 @@
 // Token-wise ops of a Mamba mixer over few channels and long sequences, in CUDA: the short causal
 // convolution with SiLU (alone, or followed by x_proj in the same kernel at 6 and 12 channels), and the
-// linear maps with at most 72 weights (in_proj and out_proj of the narrowest Pixel-Mamba layer). Reference implementations beside them: methods/ssm/triton_conv.py and
-// methods/ssm/triton_linear.py (and F.conv1d / F.linear on the CPU).
+// linear maps with at most 72 weights (in_proj and out_proj of the narrowest Pixel-Mamba layer).
+// Reference implementations beside them: methods/ssm/triton_conv.py and methods/ssm/triton_linear.py
+// (and F.conv1d / F.linear on the CPU).
 //
 // Why not the Triton kernels: their tiles pad 3-12 channels to 16 (tl.dot's smallest side) or 6 to 8,
 // and a tile of tokens cannot pass its neighbour the convolution's window, so at 6 channels x 16.8 M
@@ -628,13 +629,15 @@ bool by_shape(int K, int N, F&& f) {
 }
 
 // a view's (channel, token) strides are those of M channels side by side per token
-bool token_major(int64_t channel_stride, int64_t token_stride, int M) { return channel_stride == 1 && token_stride == M; }
+bool token_major(int64_t channel_stride, int64_t token_stride, int M) {
+  return channel_stride == 1 && token_stride == M;
+}
 
 // x float32 token-major (channel stride 1), y (dy) bfloat16 channel-first: the mixer's in_proj reading
 // its float32 input directly (the only layout compiled with two dtypes)
 bool mixed_in_proj(const at::Tensor& x, const at::Tensor& y) {
-  return x.scalar_type() == at::kFloat && y.scalar_type() == at::kBFloat16 && token_major(x.stride(1), x.stride(2), int(x.size(1))) &&
-         y.stride(2) == 1;
+  return x.scalar_type() == at::kFloat && y.scalar_type() == at::kBFloat16 &&
+         token_major(x.stride(1), x.stride(2), int(x.size(1))) && y.stride(2) == 1;
 }
 
 LinParams lin_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, bool reverse) {
@@ -665,7 +668,9 @@ bool linear_supports(int64_t K, int64_t N) {
 }
 
 // blocks along the tokens of each batch element (the caller sizes dw_part with it)
-int64_t linear_blocks(int64_t L) { return std::max<int64_t>(1, std::min<int64_t>((L + kLinThreads - 1) / kLinThreads, 1024)); }
+int64_t linear_blocks(int64_t L) {
+  return std::max<int64_t>(1, std::min<int64_t>((L + kLinThreads - 1) / kLinThreads, 1024));
+}
 
 void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse) {
   const c10::cuda::CUDAGuard guard(x.device());
