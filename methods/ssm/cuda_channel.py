@@ -65,8 +65,7 @@ def conv_proj_forward(x, weight, bias, w_proj):
     it is compiled for (E, N) (the mixer's x_proj at 6 and 12 inner channels: the projection reads u
     from registers, not memory), else the two maps one after the other."""
     ext = _ext()
-    if not (conv_supports(x, weight) and x.shape[0] <= MAX_GRID_Y
-            and ext.conv_proj_supports(x.shape[1], w_proj.shape[0])):
+    if not (conv_supports(x, weight) and ext.conv_proj_supports(x.shape[1], w_proj.shape[0])):
         u = conv_forward(x, weight, bias)
         return u, linear_forward(u, w_proj, False, False)
     x = _tokens_contiguous(x)
@@ -120,15 +119,17 @@ def linear_forward(x, w, reverse: bool, token_major_out: bool):
     return y
 
 
-def linear_backward(x, w, dy, reverse: bool):
-    """(dx, dw) of `linear_forward`; dx in x's layout where x is dense."""
+def linear_backward(x, w, dy, reverse: bool, dy2=None):
+    """(dx, dw) of `linear_forward`; dx in x's layout where x is dense. dy2: the gradient at the same map
+    of x read the other way, added in (`linear_pair`, which runs only where the CUDA kernel does)."""
     if not linear_supports(x, w):
+        assert dy2 is None, "only the CUDA kernel adds a second gradient"
         return triton_linear.linear_backward(x, w, dy, reverse)
     batch, _, length = x.shape
     dx = torch.empty_like(x)
     blocks = _ext().linear_blocks(length)
     dw_part = torch.empty(batch * blocks, *w.shape, device=x.device, dtype=torch.float32)
-    _ext().linear_bwd(x, w.float().contiguous(), dy, dx, dw_part, reverse, None)
+    _ext().linear_bwd(x, w.float().contiguous(), dy, dx, dw_part, reverse, dy2)
     return dx, dw_part.sum(0).to(w.dtype)
 
 
@@ -164,12 +165,8 @@ class LinearPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dy_b):
         x, w = ctx.saved_tensors
-        batch, _, length = x.shape
-        dx = torch.empty_like(x)
-        dw_part = torch.empty(batch * _ext().linear_blocks(length), *w.shape, device=x.device,
-                              dtype=torch.float32)
-        _ext().linear_bwd(x, w, _tokens_contiguous(dy), dx, dw_part, False, _tokens_contiguous(dy_b))
-        return dx, dw_part.sum(0).to(ctx.weight_dtype), None
+        dx, dw = linear_backward(x, w, _tokens_contiguous(dy), False, _tokens_contiguous(dy_b))
+        return dx, dw.to(ctx.weight_dtype), None
 
 
 def linear_pair(x, weight, dtype):
