@@ -122,3 +122,22 @@ def test_fused_branch_needs_the_cuda_scan_a_compiled_width_and_rows_within_the_g
     assert not backends_gpu.fused_branch_supports(xz(1, 6), 16, 5, True, "auto")      # width 5
     assert not backends_gpu.fused_branch_supports(xz(1, 6), 16, 4, True, "triton")    # asked for Triton
     assert not backends_gpu.fused_branch_supports(xz(10923, 6), 16, 4, True, "auto")  # 65,538 rows
+
+
+def test_fused_branch_folds_x_proj_and_returns_its_gradients_as_autograd_would():
+    """The fused branch prepares x_proj with dt_proj folded in inside its own node; its backward of the fold
+    gives the gradients autograd gives through `fold_x_proj` (float64, so to rounding)."""
+    from methods.ssm.fused_branch import _fold_backward
+    from methods.ssm.mixer import fold_x_proj
+
+    gen = torch.Generator().manual_seed(0)
+    x_w = torch.randn(2 + 32, 6, generator=gen, dtype=torch.float64, requires_grad=True)  # dt_rank 2
+    dt_w = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    d_fold = torch.randn(6 + 32, 6, generator=gen, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the product is taken in the weights' precision
+        folded = fold_x_proj(x_w, dt_w, torch.float64)
+    assert torch.allclose(folded[:6], dt_w @ x_w[:2]) and torch.equal(folded[6:], x_w[2:])
+    want = torch.autograd.grad(folded, [x_w, dt_w], d_fold)
+    got = _fold_backward(d_fold, x_w.detach(), dt_w.detach())
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.allclose(g, w, rtol=1e-12, atol=1e-12)

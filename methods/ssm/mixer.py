@@ -41,6 +41,15 @@ def _fp32_or_wider(param):
     return param.to(torch.promote_types(param.dtype, torch.float32))
 
 
+def fold_x_proj(x_proj_weight, dt_proj_weight, dtype):
+    """x_proj with dt_proj folded in, in dtype: delta = W_dt (W_x[:R] u) = (W_dt W_x[:R]) u, so u is read
+    once and the dt_rank-wide intermediate never leaves the kernel. The product is taken in the weights'
+    precision (autocast off) and rounded to dtype once."""
+    rank = dt_proj_weight.shape[1]
+    with torch.autocast(x_proj_weight.device.type, enabled=False):
+        return torch.cat((dt_proj_weight @ x_proj_weight[:rank], x_proj_weight[rank:])).to(dtype)
+
+
 def _matmul_dtype(x):
     """The dtype nn.Linear would compute x in: autocast's on x's device, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
@@ -85,7 +94,7 @@ class _TwoBranchMamba(nn.Module):
         """One Mamba branch on x, z: (batch, E, L) -> gated scan output (batch, E, L).
 
         With `linear` (the token-wise map, see `_channel_linear`) the projections run channel-first in
-        `dtype`, dt_proj folded into x_proj (`_folded_proj`)."""
+        `dtype`, dt_proj folded into x_proj (`fold_x_proj`)."""
         conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
         dt_proj = getattr(self, "dt_proj" + suffix)
         x = causal_conv1d_silu(x, conv.weight, conv.bias)
@@ -94,18 +103,11 @@ class _TwoBranchMamba(nn.Module):
             delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # its bias enters the scan as delta_bias
             B, C = B.transpose(1, 2), C.transpose(1, 2)
         else:
-            delta, B, C = linear(x, self._folded_proj(suffix, dtype)).split(
+            delta, B, C = linear(x, fold_x_proj(x_proj.weight, dt_proj.weight, dtype)).split(
                 [self.d_inner, self.d_state, self.d_state], dim=1)
         A, D, delta_bias = self._scan_params(suffix)
         return selective_scan(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
                               backend=self.backend)
-
-    def _folded_proj(self, suffix, dtype):
-        """x_proj with dt_proj folded in, in dtype: delta = W_dt (W_x[:R] x) = (W_dt W_x[:R]) x, so x is
-        read once and the dt_rank-wide intermediate never leaves the kernel."""
-        x_proj, dt_proj = getattr(self, "x_proj" + suffix), getattr(self, "dt_proj" + suffix)
-        rank = self.dt_rank
-        return torch.cat((dt_proj.weight @ x_proj.weight[:rank], x_proj.weight[rank:])).to(dtype)
 
     def _scan_params(self, suffix):
         """A = -exp(A_log), D and the dt bias of a branch, as the scan takes them."""
@@ -123,8 +125,9 @@ class _TwoBranchMamba(nn.Module):
             return self._scan_branch(*xz.split(self.d_inner, dim=1), suffix, linear, dtype)
         from methods.ssm.fused_branch import fused_branch  # imports triton: only when used
 
-        return fused_branch(xz, conv.weight, conv.bias, self._folded_proj(suffix, dtype),
-                            *self._scan_params(suffix))
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        return fused_branch(xz, conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight,
+                            getattr(self, f"A{suffix}_log"), getattr(self, "D" + suffix), dt_proj.bias)
 
     def _channel_linear(self, hidden):
         """Our token-wise linear map (CUDA or Triton by shape) where every projection of this mixer fits
@@ -170,8 +173,8 @@ class BiMambaMixer(_TwoBranchMamba):
         out_proj's output in reversed token order, so no flip is ever copied."""
         dtype = _matmul_dtype(hidden)
         xz, xz_b = self._in_proj_maps(hidden.transpose(1, 2), linear, dtype)
-        w_out = self.out_proj.weight.to(dtype)
         y = self._channel_first_branch(xz, "", linear, dtype)
+        w_out = self.out_proj.weight.to(dtype)  # after the first branch: the GPU waits for nothing it needs
         if not self.bidirectional:
             return linear(y, w_out, token_major_out=True).transpose(1, 2)
         y_b = self._channel_first_branch(xz_b, "_b", linear, dtype)
