@@ -2,8 +2,8 @@
 (methods/ssm/fused_branch.py) on the GPU: the convolution and the linear maps against float64
 references (the checks of test_triton_conv.py and test_triton_linear.py), the convolution's second
 gradient and strided gradient buffer, the convolution with x_proj in one kernel, the two in_proj maps
-with one gradient, the scan writing its gradients into slices of one buffer, and the fused branch
-against the unfused one."""
+with one gradient, out_proj of both branches in one pass, the scan writing its gradients into slices of
+one buffer, and the fused branch against the unfused one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,32 @@ def test_in_proj_pair_reads_and_returns_the_input_dtype(x_dtype, length):
                            ("dw", dw, 1e-5)):
         assert rel_err(got, want[name]) < tol, name
     assert not cuda_channel.linear_pair_supports(x.transpose(1, 2).contiguous(), w, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,length,tol", [(torch.float32, 2061, 1e-5), (torch.bfloat16, 4099, 1e-2)])
+def test_out_proj_of_both_branches_in_one_pass(dtype, length, tol):
+    """linear_sum: w x[t] + w x2[L - 1 - t] token-major in one kernel, and its gradients (dx, dx2 read
+    backwards, dw summed over both), against float64; a second input of another shape is refused."""
+    from methods.ssm import cuda_channel
+
+    gen = torch.Generator().manual_seed(length)
+    batch, k_in, n_out = 2, 6, 3
+    x, x2 = (torch.randn(batch, k_in, length, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(n_out, k_in, generator=gen).to(dtype)
+    dy = torch.randn(batch, length, n_out, generator=gen).to(dtype).transpose(1, 2)  # as out.transpose's
+    x64, x264, w64, g = x.double(), x2.double(), weight.double(), dy.double()
+    want = dict(y=w64 @ (x64 + x264.flip(-1)), dx=w64.T @ g, dx2=(w64.T @ g).flip(-1),
+                dw=torch.einsum("bnl,bkl->nk", g, x64 + x264.flip(-1)))
+
+    leaves = [t.cuda().requires_grad_(True) for t in (x, x2, weight)]
+    assert cuda_channel.linear_sum_supports(leaves[0], leaves[2])
+    y = cuda_channel.linear_sum(*leaves)
+    assert y.dtype == dtype and y.shape == (batch, n_out, length) and y.stride(1) == 1  # token-major
+    dx, dx2, dw = torch.autograd.grad(y, leaves, dy.cuda())
+    for name, got in (("y", y), ("dx", dx), ("dx2", dx2), ("dw", dw)):
+        assert rel_err(got, want[name]) < tol, name
+    with pytest.raises(ValueError, match="x2 must be shaped"):
+        cuda_channel.linear_sum(leaves[0], leaves[1][:, :, 1:], leaves[2])
 
 
 @pytest.mark.parametrize("batch", [1, 2])

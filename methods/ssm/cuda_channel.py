@@ -115,7 +115,7 @@ def linear_forward(x, w, reverse: bool, token_major_out: bool):
     if not linear_supports(x, w):
         return triton_linear.linear_forward(x, w, reverse, token_major_out)
     y = triton_linear.new_output(x, w.shape[0], token_major_out)
-    _ext().linear_fwd(x, w.float().contiguous(), y, reverse)
+    _ext().linear_fwd(x, w.float().contiguous(), y, reverse, None)
     return y
 
 
@@ -156,8 +156,8 @@ class LinearPair(torch.autograd.Function):
         w = weight.to(dtype).float().contiguous()  # rounded as a map in dtype rounds it
         batch, _, length = x.shape
         y, y_b = (torch.empty(batch, w.shape[0], length, device=x.device, dtype=dtype) for _ in range(2))
-        _ext().linear_fwd(x, w, y, False)
-        _ext().linear_fwd(x, w, y_b, True)
+        _ext().linear_fwd(x, w, y, False, None)
+        _ext().linear_fwd(x, w, y_b, True, None)
         ctx.save_for_backward(x, w)
         ctx.weight_dtype = weight.dtype
         return y, y_b
@@ -176,3 +176,41 @@ def linear_pair(x, weight, dtype):
     mixer step at 6 channels x 16.8 M tokens (docs/performance.md, session 13). Only where
     `linear_pair_supports`."""
     return LinearPair.apply(x, weight, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision Mamba's out_proj of its two branches
+
+
+def linear_sum_supports(x, weight) -> bool:
+    """Whether `linear_sum` runs x (batch, K, L), channel-first, with weight (N, K): a compiled shape."""
+    return x.dim() == 3 and x.stride(2) == 1 and linear_supports(x, weight)
+
+
+class LinearSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x2, weight):
+        w = weight.float().contiguous()
+        y = triton_linear.new_output(x, w.shape[0], token_major_out=True)
+        _ext().linear_fwd(x, w, y, False, x2)
+        ctx.save_for_backward(x, x2, w)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x2, w = ctx.saved_tensors
+        dx, dw = linear_backward(x, w, dy, False)
+        dx2, dw2 = linear_backward(x2, w, dy, True)
+        return dx, dx2, (dw + dw2).to(ctx.weight_dtype)
+
+
+def linear_sum(x, x2, weight):
+    """weight x[:, :, t] + weight x2[:, :, L - 1 - t] as a token-major (batch, N, L) view in x's dtype:
+    Vision Mamba's out_proj of its two branches, the second read backwards, in one pass (no second map
+    and no sum of two outputs). x2 like x (channel-first, same shape and dtype); only where
+    `linear_sum_supports`."""
+    if x2.shape != x.shape or x2.dtype != x.dtype or x2.stride(2) != 1:
+        raise ValueError(f"linear_sum: x2 must be shaped and typed like x, channel-first; got {tuple(x2.shape)} "
+                         f"{x2.dtype} and {tuple(x.shape)} {x.dtype}")
+    return LinearSum.apply(x, x2, weight)

@@ -178,8 +178,13 @@ class BiMambaMixer(_TwoBranchMamba):
         if not self.bidirectional:
             return linear(y, w_out, token_major_out=True).transpose(1, 2)
         y_b = self._channel_first_branch(xz_b, "_b", linear, dtype)
-        half = w_out / 2  # out_proj((y + flip(y_b)) / 2) as two maps: the flip is a read order
-        out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
+        half = w_out / 2  # out_proj((y + flip(y_b)) / 2): the flip is a read order
+        from methods.ssm import cuda_channel  # imports triton: only when used
+
+        if cuda_channel.linear_sum_supports(y, half):
+            out = cuda_channel.linear_sum(y, y_b, half)
+        else:  # as two maps
+            out = linear(y, half, token_major_out=True) + linear(y_b, half, reverse=True, token_major_out=True)
         return out.transpose(1, 2)
 
     def _in_proj_maps(self, x, linear, dtype):

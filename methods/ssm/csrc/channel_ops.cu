@@ -230,10 +230,11 @@ constexpr int kLinThreads = 256;
 
 struct LinParams {
   const void *x, *dy, *dy2;  // dy2: the gradient at a second map of x that reads it backwards, or null
+  const void* x2;            // forward, out_proj's layout: a second input read backwards, its map added
   const float* w;            // (N, K)
   void *y, *dx;
   float* dw_part;            // (blocks, N, K)
-  int64_t L, x_b, x_k, x_t, y_b, y_n, y_t, y2_b, y2_n, y2_t, dx_b, dx_k, dx_t;
+  int64_t L, x_b, x_k, x_t, x2_b, x2_k, y_b, y_n, y_t, y2_b, y2_n, y2_t, dx_b, dx_k, dx_t;
   bool reverse;
 };
 
@@ -435,13 +436,15 @@ __device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
   }
 }
 
-// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major);
-// x of type Tx (float32 where the mixer's input is and its maps run in bf16), y of T
+// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major;
+// with x2, Vision Mamba's two branches: y[t] = w (x[t] + x2[L - 1 - t]), one pass instead of two maps and
+// a sum); x of type Tx (float32 where the mixer's input is and its maps run in bf16), y of T
 template <typename T, int K, int N, bool kYTokenMajor, typename Tx = T>
 __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
   __shared__ float w[N * K];
   stage_weights<K, N>(p.w, w);
   const Tx* x = static_cast<const Tx*>(p.x) + blockIdx.y * p.x_b;
+  const Tx* x2 = p.x2 ? static_cast<const Tx*>(p.x2) + blockIdx.y * p.x2_b : nullptr;
   T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
   for_chunks(p, [&](Span sp_t, Span sp_src) {
     if constexpr (!kYTokenMajor) {  // the x tile, then y row by row
@@ -459,6 +462,12 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
       for (int k = 0; k < K; ++k) {
         float xk[kChunk];
         load_row(x + k * p.x_k, sp_src, xk);
+        if (x2) {
+          float x2k[kChunk];
+          load_row(x2 + k * p.x2_k, Span{p.L - 1 - sp_t.s0, -1, sp_t.n}, x2k);
+#pragma unroll
+          for (int i = 0; i < kChunk; ++i) xk[i] += x2k[i];
+        }
 #pragma unroll
         for (int o = 0; o < N; ++o)
 #pragma unroll
@@ -672,10 +681,20 @@ int64_t linear_blocks(int64_t L) {
   return std::max<int64_t>(1, std::min<int64_t>((L + kLinThreads - 1) / kLinThreads, 1024));
 }
 
-void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse) {
+// x2: out_proj's layout only, a second input like x whose map, read backwards, is added (or none)
+void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse,
+                const std::optional<at::Tensor>& x2) {
   const c10::cuda::CUDAGuard guard(x.device());
   LinParams p = lin_params(x, w, y, reverse);
   p.y = y.data_ptr();
+  if (x2) {
+    TORCH_CHECK(x2->sizes() == x.sizes() && x2->scalar_type() == x.scalar_type() && x2->stride(2) == 1 &&
+                    x.stride(2) == 1 && !reverse && token_major(p.y_n, p.y_t, int(y.size(1))),
+                "x2 takes channel-first x and x2 of one shape and dtype, a token-major y and no reverse");
+    p.x2 = x2->data_ptr();
+    p.x2_b = x2->stride(0);
+    p.x2_k = x2->stride(1);
+  }
   const dim3 grid(unsigned(linear_blocks(p.L)), unsigned(x.size(0)));
   // the 8-token kernels need an eighth of the blocks; below the cap, more would only stage weights
   const dim3 grid8(unsigned(linear_blocks((p.L + kChunk - 1) / kChunk)), grid.y);
