@@ -115,7 +115,7 @@ def linear_forward(x, w, reverse: bool, token_major_out: bool):
     if not linear_supports(x, w):
         return triton_linear.linear_forward(x, w, reverse, token_major_out)
     y = triton_linear.new_output(x, w.shape[0], token_major_out)
-    _ext().linear_fwd(x, w.float().contiguous(), y, reverse, None)
+    _ext().linear_fwd(x, w.float().contiguous(), y, reverse, None, None)
     return y
 
 
@@ -156,8 +156,7 @@ class LinearPair(torch.autograd.Function):
         w = weight.to(dtype).float().contiguous()  # rounded as a map in dtype rounds it
         batch, _, length = x.shape
         y, y_b = (torch.empty(batch, w.shape[0], length, device=x.device, dtype=dtype) for _ in range(2))
-        _ext().linear_fwd(x, w, y, False, None)
-        _ext().linear_fwd(x, w, y_b, True, None)
+        _ext().linear_fwd(x, w, y, False, None, y_b)  # y_b is y backwards: one read of x
         ctx.save_for_backward(x, w)
         ctx.weight_dtype = weight.dtype
         return y, y_b
@@ -171,10 +170,10 @@ class LinearPair(torch.autograd.Function):
 
 def linear_pair(x, weight, dtype):
     """(y, y_b) = (weight x[:, :, t], weight x[:, :, L - 1 - t]) in dtype, channel-first (batch, N, L):
-    Vision Mamba's two in_proj maps, reading the float32 input as it is (no cast to dtype first) and
-    writing one float32 gradient for both (no cast back, no sum of two gradients): 0.28 ms of a 22 ms
-    mixer step at 6 channels x 16.8 M tokens (docs/performance.md, session 13). Only where
-    `linear_pair_supports`."""
+    Vision Mamba's two in_proj maps, reading the float32 input as it is (no cast to dtype first) and once
+    for both (y_b is y written backwards), and writing one float32 gradient for both (no cast back, no
+    sum of two gradients): 0.28 ms of a 22 ms mixer step at 6 channels x 16.8 M tokens
+    (docs/performance.md, session 13). Only where `linear_pair_supports`."""
     return LinearPair.apply(x, weight, dtype)
 
 
@@ -192,7 +191,7 @@ class LinearSum(torch.autograd.Function):
     def forward(ctx, x, x2, weight):
         w = weight.float().contiguous()
         y = triton_linear.new_output(x, w.shape[0], token_major_out=True)
-        _ext().linear_fwd(x, w, y, False, x2)
+        _ext().linear_fwd(x, w, y, False, x2, None)
         ctx.save_for_backward(x, x2, w)
         ctx.weight_dtype = weight.dtype
         return y

@@ -19,7 +19,7 @@ void conv_proj_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional
 bool linear_supports(int64_t K, int64_t N);
 int64_t linear_blocks(int64_t L);
 void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse,
-                const std::optional<at::Tensor>& x2);
+                const std::optional<at::Tensor>& x2, const std::optional<at::Tensor>& y2);
 void linear_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, at::Tensor& dx, at::Tensor& dw_part,
                 bool reverse, const std::optional<at::Tensor>& dy2);
 
@@ -32,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_proj_fwd", &conv_proj_fwd, "conv_fwd, then a linear map of its output (the mixer's x_proj)");
   m.def("linear_supports", &linear_supports, "whether a K -> N linear map is compiled");
   m.def("linear_blocks", &linear_blocks, "blocks per batch element of the linear maps' backward");
-  m.def("linear_fwd", &linear_fwd, "token-wise linear map (x2: a second input read backwards, its map added)");
+  m.def("linear_fwd", &linear_fwd,
+        "token-wise linear map (x2: a second input read backwards, its map added; y2: the map written backwards)");
   m.def("linear_bwd", &linear_bwd, "its backward: dx and per-block dw sums (dy2: a reversed map's gradient, added)");
 }

@@ -232,7 +232,7 @@ struct LinParams {
   const void *x, *dy, *dy2;  // dy2: the gradient at a second map of x that reads it backwards, or null
   const void* x2;            // forward, out_proj's layout: a second input read backwards, its map added
   const float* w;            // (N, K)
-  void *y, *dx;
+  void *y, *y2, *dx;         // y2: in_proj's layout, the same map written backwards (y2[L - 1 - t] = y[t])
   float* dw_part;            // (blocks, N, K)
   int64_t L, x_b, x_k, x_t, x2_b, x2_k, y_b, y_n, y_t, y2_b, y2_n, y2_t, dx_b, dx_k, dx_t;
   bool reverse;
@@ -436,9 +436,10 @@ __device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
   }
 }
 
-// in_proj (x token-major, y channel-first) or, kYTokenMajor, out_proj (x channel-first, y token-major;
-// with x2, Vision Mamba's two branches: y[t] = w (x[t] + x2[L - 1 - t]), one pass instead of two maps and
-// a sum); x of type Tx (float32 where the mixer's input is and its maps run in bf16), y of T
+// in_proj (x token-major, y channel-first; with y2, Vision Mamba's reversed branch gets the same map
+// written backwards: x is read once) or, kYTokenMajor, out_proj (x channel-first, y token-major; with x2,
+// Vision Mamba's two branches: y[t] = w (x[t] + x2[L - 1 - t]), one pass instead of two maps and a sum);
+// x of type Tx (float32 where the mixer's input is and its maps run in bf16), y of T
 template <typename T, int K, int N, bool kYTokenMajor, typename Tx = T>
 __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
   __shared__ float w[N * K];
@@ -446,6 +447,7 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
   const Tx* x = static_cast<const Tx*>(p.x) + blockIdx.y * p.x_b;
   const Tx* x2 = p.x2 ? static_cast<const Tx*>(p.x2) + blockIdx.y * p.x2_b : nullptr;
   T* y = static_cast<T*>(p.y) + blockIdx.y * p.y_b;
+  T* y2 = p.y2 ? static_cast<T*>(p.y2) + blockIdx.y * p.y_b : nullptr;
   for_chunks(p, [&](Span sp_t, Span sp_src) {
     if constexpr (!kYTokenMajor) {  // the x tile, then y row by row
       float xv[K][kChunk];
@@ -455,6 +457,7 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
         float acc[kChunk];
         map_row(w, o, xv, acc);
         store_row(y + o * p.y_n, sp_t, acc);
+        if (y2) store_row(y2 + o * p.y_n, Span{p.L - 1 - sp_t.s0, -1, sp_t.n}, acc);
       }
     } else {  // x row by row into the y tile
       float yv[N][kChunk] = {};
@@ -681,12 +684,19 @@ int64_t linear_blocks(int64_t L) {
   return std::max<int64_t>(1, std::min<int64_t>((L + kLinThreads - 1) / kLinThreads, 1024));
 }
 
-// x2: out_proj's layout only, a second input like x whose map, read backwards, is added (or none)
+// x2: out_proj's layout only, a second input like x whose map, read backwards, is added (or none);
+// y2: in_proj's layout only, a second output like y that gets the map written backwards (or none)
 void linear_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, bool reverse,
-                const std::optional<at::Tensor>& x2) {
+                const std::optional<at::Tensor>& x2, const std::optional<at::Tensor>& y2) {
   const c10::cuda::CUDAGuard guard(x.device());
   LinParams p = lin_params(x, w, y, reverse);
   p.y = y.data_ptr();
+  if (y2) {
+    TORCH_CHECK(y2->sizes() == y.sizes() && y2->strides() == y.strides() && y2->scalar_type() == y.scalar_type() &&
+                    y.stride(2) == 1 && token_major(p.x_k, p.x_t, int(x.size(1))) && !reverse && !x2,
+                "y2 takes token-major x, channel-first y and y2 of one shape, strides and dtype, and no reverse");
+    p.y2 = y2->data_ptr();
+  }
   if (x2) {
     TORCH_CHECK(x2->sizes() == x.sizes() && x2->scalar_type() == x.scalar_type() && x2->stride(2) == 1 &&
                     x.stride(2) == 1 && !reverse && token_major(p.y_n, p.y_t, int(y.size(1))),
