@@ -44,10 +44,12 @@ def _fp32_or_wider(param):
 def fold_x_proj(x_proj_weight, dt_proj_weight, dtype):
     """x_proj with dt_proj folded in, in dtype: delta = W_dt (W_x[:R] u) = (W_dt W_x[:R]) u, so u is read
     once and the dt_rank-wide intermediate never leaves the kernel. The product is taken in the weights'
-    precision (autocast off) and rounded to dtype once."""
+    precision and rounded to dtype once: as a broadcast product and sum, which autocast leaves alone (a
+    matmul would need autocast switched off around it, a context that cProfile put at ~50 us of CPU a call
+    while the GPU waits for the first branch; docs/gpu_notes.md, session 14)."""
     rank = dt_proj_weight.shape[1]
-    with torch.autocast(x_proj_weight.device.type, enabled=False):
-        return torch.cat((dt_proj_weight @ x_proj_weight[:rank], x_proj_weight[rank:])).to(dtype)
+    delta_w = (dt_proj_weight.unsqueeze(2) * x_proj_weight[:rank].unsqueeze(0)).sum(1)
+    return torch.cat((delta_w, x_proj_weight[rank:])).to(dtype)
 
 
 def _matmul_dtype(x):
