@@ -141,3 +141,9 @@ def test_fused_branch_folds_x_proj_and_returns_its_gradients_as_autograd_would()
     got = _fold_backward(d_fold, x_w.detach(), dt_w.detach())
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.allclose(g, w, rtol=1e-12, atol=1e-12)
+    # autocast leaves float64 alone, so the precision claim needs float32 weights: a bf16 product would be
+    # off by ~1e-2
+    x32, dt32 = x_w.detach().float(), dt_w.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded32 = fold_x_proj(x32, dt32, torch.float32)
+    assert torch.allclose(folded32[:6].double(), dt32.double() @ x32[:2].double(), rtol=1e-5, atol=1e-5)
