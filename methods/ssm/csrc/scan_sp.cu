@@ -41,6 +41,7 @@
 #include <initializer_list>
 #include <map>
 #include <string>
+#include <type_traits>
 
 #include "vec8.cuh"
 
@@ -66,13 +67,15 @@ struct Params {
 };
 
 
-// log1p(exp(x)) with Goldberg's correction where exp(x) is tiny; identity above 20 (as mamba-ssm).
-// Both sides are computed and one is selected: a branch here diverges inside a warp.
-__device__ __forceinline__ float softplus(float x) {
+// softplus(x) = log1p(exp(x)) with Goldberg's correction where exp(x) is tiny, and its slope sigmoid(x) =
+// exp(x) / (1 + exp(x)); above 20 the identity and 1 (as mamba-ssm). Both sides are computed and one is
+// selected: a branch here diverges inside a warp.
+__device__ __forceinline__ float2 softplus_slope(float x) {
   const float ex = ex2(x * kLog2e);
   const float one_plus = 1.f + ex;
   const float sp = lg2(one_plus) * (ex * rcp(one_plus - 1.f)) * 0.6931471805599453f;
-  return x > 20.f ? x : (one_plus == 1.f ? ex : sp);
+  const bool big = x > 20.f;
+  return make_float2(big ? x : (one_plus == 1.f ? ex : sp), big ? 1.f : ex * rcp(one_plus));
 }
 
 // ---- where a lane sits ------------------------------------------------------------------------------
@@ -135,6 +138,38 @@ struct Lane {
   __device__ int64_t state_at(int64_t n, int64_t i) const { return (row * n + i) * kStates + half * kHalf; }
 };
 
+constexpr int kHalfChunk = kChunk / 2;
+
+// f over a chunk's 8 tokens, once per channel: each of the channel's two lanes takes 4 of the tokens (half
+// h: tokens 4h .. 4h + 3) and they trade the results, a shuffle a value. For the work done per token and
+// not per state (softplus, the gate's sigmoid), which both lanes would otherwise repeat on the MUFU (16
+// operations a clock on a multiprocessor; ncu put fwd_summary's and fwd_out's at 67-73% of its peak,
+// docs/gpu_notes.md session 15). f(i, hi) computes token i, or 4 + i where hi, and returns one value
+// (into a) or a float2 (into a and b). a and b may be the arrays f reads: token i's entries are read
+// before they are written.
+template <int G, typename F>
+__device__ __forceinline__ void per_token(const Lane<G>& ln, F f, float a[kChunk], float b[kChunk] = nullptr) {
+  const bool hi = ln.half;
+  auto trade = [&](float mine, float out[kChunk], int i) {
+    const float other = __shfl_xor_sync(ln.mask, mine, 1);
+    out[i] = hi ? other : mine;
+    out[kHalfChunk + i] = hi ? mine : other;
+  };
+#pragma unroll
+  for (int i = 0; i < kHalfChunk; ++i) {
+    const auto r = f(i, hi);
+    if constexpr (std::is_same_v<decltype(r), const float2>) {
+      trade(r.x, a, i);
+      trade(r.y, b, i);
+    } else {
+      trade(r, a, i);
+    }
+  }
+}
+
+// token i of the lane's 4 (see per_token)
+__device__ __forceinline__ float pick(const float v[kChunk], int i, bool hi) { return hi ? v[kHalfChunk + i] : v[i]; }
+
 template <int G>
 __device__ void load_A(const Params& p, const Lane<G>& ln, float A[kHalf]) {
 #pragma unroll
@@ -188,18 +223,34 @@ struct ChunkIn {
     }
   }
 
-  // dt (after bias and softplus), x = delta + bias, and u; zero outside the sequence and on lanes
-  // without a channel, so those tokens leave every state unchanged
-  __device__ void dt_u(const Params& p, const Lane<G>& ln, int n, float dt[kChunk], float x[kChunk],
-                       float uv[kChunk]) const {
+  // dt (after bias and softplus) and u, zero outside the sequence and on lanes without a channel, so
+  // those tokens leave every state unchanged; kSlope: also d dt / d delta (softplus' slope, or 1)
+  template <bool kSlope = false>
+  __device__ void dt_u(const Params& p, const Lane<G>& ln, int n, float dt[kChunk], float uv[kChunk],
+                       float slope[kChunk] = nullptr) const {
+    float x[kChunk];
     unpack8(delta, x);
     unpack8(u, uv);
     const float bias = p.has_bias ? p.bias[ln.ec] : 0.f;
 #pragma unroll
+    for (int t = 0; t < kChunk; ++t) x[t] += bias;
+    if (p.softplus) {
+      per_token(ln, [&](int i, bool hi) {
+        const float2 r = softplus_slope(pick(x, i, hi));
+        if constexpr (kSlope) return r;
+        else return r.x;
+      }, dt, slope);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) {
+        dt[t] = x[t];
+        if constexpr (kSlope) slope[t] = 1.f;
+      }
+    }
+#pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       const bool in = ln.active && t < n;
-      x[t] += bias;
-      dt[t] = in ? (p.softplus ? softplus(x[t]) : x[t]) : 0.f;
+      dt[t] = in ? dt[t] : 0.f;
       uv[t] = in ? uv[t] : 0.f;
     }
   }
@@ -282,8 +333,8 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_summary_kernel(Params p
   ChunkIn<T, G, kStates> in;
   if (ln.t_stop > ln.t_start) in.fetch(p, ln, rows, ln.t_start, false);
   for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
-    float dt[kChunk], x[kChunk], u[kChunk];
-    in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
+    float dt[kChunk], u[kChunk];
+    in.dt_u(p, ln, inside(t0, p.L), dt, u);
     in.stage(ln, stage[ln.seg]);
     if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, false);
 #pragma unroll
@@ -351,8 +402,8 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
   const float Dv = p.has_d ? p.D[ln.ec] : 0.f;
   for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
     const int n = inside(t0, p.L);
-    float dt[kChunk], x[kChunk], u[kChunk], z[kChunk], y[kChunk];
-    in.dt_u(p, ln, n, dt, x, u);
+    float dt[kChunk], u[kChunk], z[kChunk], y[kChunk];
+    in.dt_u(p, ln, n, dt, u);
     if (p.has_z) unpack8(in.z, z);
     in.stage(ln, stage[ln.seg]);
     if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, false);
@@ -370,23 +421,29 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) fwd_out_kernel(Params p) {
       }
       acc += __shfl_xor_sync(ln.mask, acc, 1);
       y[t] = fmaf(Dv, u[t], acc);
-      if (p.has_z) y[t] *= z[t] * sigmoid(z[t]);
     }
-    if (ln.active && ln.half == 0) store8(ln.template out_row<T>(p.out, p.L) + t0, n, y);
+    // the gate and the store, each of the channel's two lanes for 4 of the tokens (as per_token)
+    const bool hi = ln.half;
+    float o[kHalfChunk];
+#pragma unroll
+    for (int i = 0; i < kHalfChunk; ++i) {
+      o[i] = pick(y, i, hi);
+      if (p.has_z) {
+        const float zv = pick(z, i, hi);
+        o[i] *= zv * sigmoid(zv);
+      }
+    }
+    if (ln.active) store4(ln.template out_row<T>(p.out, p.L) + t0 + hi * kHalfChunk, n - hi * kHalfChunk, o);
   }
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
 
-// gradient at y (before the gate) and the gate's sigmoid
-struct Gate {
-  float dy, sz;
-};
-
-__device__ __forceinline__ Gate gate(bool has_z, float dout, float z) {
-  if (!has_z) return {dout, 0.f};
-  const float sz = sigmoid(z);
-  return {dout * z * sz, sz};
+// The gate out = y z sigmoid(z) backwards, for the output's gradient g: the gradient at y, g z s, and
+// dz / y, g s (1 + z (1 - s)), with s = sigmoid(z)
+__device__ __forceinline__ float2 gate_grads(float g, float z) {
+  const float s = sigmoid(z);
+  return make_float2(g * z * s, g * s * (1.f + z * (1.f - s)));
 }
 
 template <typename T, int G>
@@ -406,10 +463,13 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) bwd_summary_kernel(Params p
   if (ln.t_stop > ln.t_start) in.fetch(p, ln, rows, ln.t_start, true);
   for (int64_t t0 = ln.t_start; t0 < ln.t_stop; t0 += kChunk) {
     if (ln.active && ln.holds(t0)) write8(&p.hck[ln.state_at(p.n_ck, t0 / kChunk)], h);
-    float dt[kChunk], x[kChunk], u[kChunk], g[kChunk], z[kChunk];
-    in.dt_u(p, ln, inside(t0, p.L), dt, x, u);
-    unpack8(in.dout, g);
-    if (p.has_z) unpack8(in.z, z);
+    float dt[kChunk], u[kChunk], dy[kChunk], z[kChunk];
+    in.dt_u(p, ln, inside(t0, p.L), dt, u);
+    unpack8(in.dout, dy);  // the output's gradient, then the gradient at y (before the gate)
+    if (p.has_z) {
+      unpack8(in.z, z);
+      per_token(ln, [&](int i, bool hi) { return gate_grads(pick(dy, i, hi), pick(z, i, hi)).x; }, dy);
+    }
     in.stage(ln, stage[ln.seg]);
     if (t0 + kChunk < ln.t_stop) in.fetch(p, ln, rows, t0 + kChunk, true);
 #pragma unroll
@@ -417,13 +477,13 @@ __global__ void __launch_bounds__(Lane<G>::kThreads) bwd_summary_kernel(Params p
       float Bt[kHalf], Ct[kHalf];
       read_staged(stage[ln.seg], t, kB, ln.half, Bt);
       read_staged(stage[ln.seg], t, kC, ln.half, Ct);
-      const float dy = ln.active ? gate(p.has_z, g[t], p.has_z ? z[t] : 0.f).dy : 0.f;
+      const float dyt = ln.active ? dy[t] : 0.f;
       const float dtl = dt[t] * kLog2e, dtu = dt[t] * u[t];
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) {
         const float a = ex2(dtl * A[j]);
         P[j] *= a;
-        W[j] = fmaf(P[j], Ct[j] * dy, W[j]);
+        W[j] = fmaf(P[j], Ct[j] * dyt, W[j]);
         h[j] = fmaf(a, h[j], dtu * Bt[j]);
       }
     }
@@ -565,12 +625,13 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   };
   for (int64_t k = n_chunks - 1; k >= 0; --k) {
     const int64_t t0 = ln.t_start + k * kChunk;
-    float dt[kChunk], x[kChunk], u[kChunk], g_out[kChunk], z[kChunk], h[kHalf];
+    // slope: d dt / d delta, then ddelta; dy: the gradient at y (before the gate); zf: dz / y, then dz
+    float dt[kChunk], slope[kChunk], u[kChunk], g_out[kChunk], zf[kChunk], h[kHalf];
     const int n = inside(t0, p.L);
     if (k > 0) fetch(nxt, h0nxt, t0 - kChunk);
-    cur.dt_u(p, ln, n, dt, x, u);
+    cur.template dt_u<true>(p, ln, n, dt, u, slope);
     unpack8(cur.dout, g_out);
-    if (p.has_z) unpack8(cur.z, z);
+    if (p.has_z) unpack8(cur.z, zf);
     cur.stage(ln, sm.stage[ln.seg]);
     // the chunk's states, forward (h_{-1} is the checkpoint)
     split8(h0cur[0], h0cur[1], h);
@@ -601,12 +662,13 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
       const float dtl = dt[t] * kLog2e;
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) a[j] = ex2(dtl * A[j]);
-      const Gate gt = gate(p.has_z, ln.active ? g_out[t] : 0.f, p.has_z ? z[t] : 0.f);
+      const float2 gz = p.has_z ? gate_grads(g_out[t], zf[t]) : make_float2(g_out[t], 0.f);
+      const float dyt = ln.active ? gz.x : 0.f;
       const float dtu = dt[t] * u[t];
       float dlog = 0.f, gB = 0.f, y = 0.f;  // sums over this lane's states
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) {
-        const float g = fmaf(Ct[j], gt.dy, r[j]);
+        const float g = fmaf(Ct[j], dyt, r[j]);
         r[j] = a[j] * g;
         const float term = r[j] * hp[j];  // g_t a_t h_{t-1}: the gradient at log a_t
         dA[j] = fmaf(term, dt[t], dA[j]);
@@ -614,20 +676,19 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
         gB = fmaf(g, Bt[j], gB);
         y = fmaf(Ct[j], h[j], y);
         dBt[j] = g * dtu;
-        dCt[j] = h[j] * gt.dy;
+        dCt[j] = h[j] * dyt;
         h[j] = hp[j];
       }
       dlog += __shfl_xor_sync(ln.mask, dlog, 1);
       gB += __shfl_xor_sync(ln.mask, gB, 1);
       y += __shfl_xor_sync(ln.mask, y, 1);
-      float ddt = fmaf(gB, u[t], dlog);
-      if (p.softplus) ddt *= x[t] <= 20.f ? sigmoid(x[t]) : 1.f;
+      float ddt = fmaf(gB, u[t], dlog) * slope[t];
       ddt = ln.active && t < n ? ddt : 0.f;
       dbias += ddt;
-      dD = fmaf(gt.dy, u[t], dD);
-      if (p.has_z) z[t] = g_out[t] * fmaf(Dv, u[t], y) * gt.sz * (1.f + z[t] * (1.f - gt.sz));  // dz
-      u[t] = fmaf(gB, dt[t], Dv * gt.dy);                                                         // du
-      x[t] = ddt;
+      dD = fmaf(dyt, u[t], dD);
+      if (p.has_z) zf[t] = gz.y * fmaf(Dv, u[t], y);  // dz
+      u[t] = fmaf(gB, dt[t], Dv * dyt);      // du
+      slope[t] = ddt;
       if (t < kChunk - 1) store_terms(terms_next, int(k % 2) * kChunk + t + 1);
       // red[t & 1] was last read for token t + 2 (or the previous chunk's token 0), before the barrier
       // that closed that token: with two buffers one barrier a token suffices
@@ -645,9 +706,9 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
     if (ln.active) {
       if (ln.half == 0) {
         store8(ln.template out_row<T>(p.du, p.L) + t0, n, u);
-        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L) + t0, n, z);
+        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L) + t0, n, zf);
       } else {
-        store8(ln.template out_row<T>(p.ddelta, p.L) + t0, n, x);
+        store8(ln.template out_row<T>(p.ddelta, p.L) + t0, n, slope);
       }
     }
     cur = nxt;

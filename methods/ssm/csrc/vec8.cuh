@@ -108,4 +108,29 @@ __device__ __forceinline__ void store8(__nv_bfloat16* q, int n, const float v[kC
   }
 }
 
+// the first n of 4 tokens to q (n <= 0: none)
+__device__ __forceinline__ void store4(float* q, int n, const float v[4]) {
+  if (n >= 4 && aligned16(q)) {
+    *reinterpret_cast<float4*>(q) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (t < n) q[t] = v[t];
+  }
+}
+
+__device__ __forceinline__ void store4(__nv_bfloat16* q, int n, const float v[4]) {
+  if (n >= 4 && (reinterpret_cast<uintptr_t>(q) & 7) == 0) {
+    uint2 r;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+    h[0] = __floats2bfloat162_rn(v[0], v[1]);
+    h[1] = __floats2bfloat162_rn(v[2], v[3]);
+    *reinterpret_cast<uint2*>(q) = r;
+  } else {
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (t < n) q[t] = __float2bfloat16(v[t]);
+  }
+}
+
 }  // namespace
