@@ -4,9 +4,10 @@
 // how the work maps to threads. A channel's 16 states live in the registers of two lanes (8 each), so
 // sums over states are in-thread adds plus one shuffle, and one lane walks a segment of tokens
 // serially: the 8 independent recurrences per lane give the instruction-level parallelism, the
-// segments give the thread-level parallelism. Every input is fetched one 8-token chunk ahead. Timings
-// against the Triton scan, and what limits each kernel, are in docs/performance.md and docs/gpu_notes.md
-// (session 5).
+// segments give the thread-level parallelism. Every input is fetched one 8-token chunk ahead. What is
+// computed per token and not per state (softplus, the gate) the channel's two lanes share (per_token).
+// Timings against the Triton scan, and what limits each kernel, are in docs/performance.md and
+// docs/gpu_notes.md (session 5).
 //
 // Geometry. A group of G lanes (G = 12, 16, 24 or 32) holds G/2 channels of one segment of seg_len
 // tokens (lane = 2 x channel slot + half). A block holds consecutive segments: a superblock, of 128
@@ -142,11 +143,12 @@ constexpr int kHalfChunk = kChunk / 2;
 
 // f over a chunk's 8 tokens, once per channel: each of the channel's two lanes takes 4 of the tokens (half
 // h: tokens 4h .. 4h + 3) and they trade the results, a shuffle a value. For the work done per token and
-// not per state (softplus, the gate's sigmoid), which both lanes would otherwise repeat on the MUFU (16
-// operations a clock on a multiprocessor; ncu put fwd_summary's and fwd_out's at 67-73% of its peak,
-// docs/gpu_notes.md session 15). f(i, hi) computes token i, or 4 + i where hi, and returns one value
-// (into a) or a float2 (into a and b). a and b may be the arrays f reads: token i's entries are read
-// before they are written.
+// not per state (softplus and its slope, the gate's sigmoid), which both lanes would otherwise repeat on
+// the MUFU (16 operations a clock on a multiprocessor; ncu put fwd_summary's and fwd_out's use of it at
+// 67-73% of its peak). At 6 x 16.8 M, bf16: bwd_main 5.02 -> 4.40 ms a call, fwd_out 1.27 -> 1.19,
+// fwd_summary 0.75 -> 0.67, bwd_summary 1.47 -> 1.42 (docs/performance.md, session 15). f(i, hi) computes
+// token i, or 4 + i where hi, and returns one value (into a) or a float2 (into a and b). a and b may be
+// the arrays f reads: token i's entries are read before they are written.
 template <int G, typename F>
 __device__ __forceinline__ void per_token(const Lane<G>& ln, F f, float a[kChunk], float b[kChunk] = nullptr) {
   const bool hi = ln.half;
@@ -625,13 +627,15 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
   };
   for (int64_t k = n_chunks - 1; k >= 0; --k) {
     const int64_t t0 = ln.t_start + k * kChunk;
-    // slope: d dt / d delta, then ddelta; dy: the gradient at y (before the gate); zf: dz / y, then dz
-    float dt[kChunk], slope[kChunk], u[kChunk], g_out[kChunk], zf[kChunk], h[kHalf];
+    // slope: d dt / d delta, then ddelta; z, then dz. The gate's gradients stay per token in the loop
+    // below: precomputed for the chunk by per_token, as fp32 arrays beside the packed bf16 rows, they spill
+    // (60 bytes; bwd_main 4.40 -> 5.78 ms a call, session 15)
+    float dt[kChunk], slope[kChunk], u[kChunk], g_out[kChunk], z[kChunk], h[kHalf];
     const int n = inside(t0, p.L);
     if (k > 0) fetch(nxt, h0nxt, t0 - kChunk);
     cur.template dt_u<true>(p, ln, n, dt, u, slope);
     unpack8(cur.dout, g_out);
-    if (p.has_z) unpack8(cur.z, zf);
+    if (p.has_z) unpack8(cur.z, z);
     cur.stage(ln, sm.stage[ln.seg]);
     // the chunk's states, forward (h_{-1} is the checkpoint)
     split8(h0cur[0], h0cur[1], h);
@@ -662,7 +666,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
       const float dtl = dt[t] * kLog2e;
 #pragma unroll
       for (int j = 0; j < kHalf; ++j) a[j] = ex2(dtl * A[j]);
-      const float2 gz = p.has_z ? gate_grads(g_out[t], zf[t]) : make_float2(g_out[t], 0.f);
+      const float2 gz = p.has_z ? gate_grads(g_out[t], z[t]) : make_float2(g_out[t], 0.f);  // dy, dz / y
       const float dyt = ln.active ? gz.x : 0.f;
       const float dtu = dt[t] * u[t];
       float dlog = 0.f, gB = 0.f, y = 0.f;  // sums over this lane's states
@@ -686,7 +690,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
       ddt = ln.active && t < n ? ddt : 0.f;
       dbias += ddt;
       dD = fmaf(dyt, u[t], dD);
-      if (p.has_z) zf[t] = gz.y * fmaf(Dv, u[t], y);  // dz
+      if (p.has_z) z[t] = gz.y * fmaf(Dv, u[t], y);  // dz
       u[t] = fmaf(gB, dt[t], Dv * dyt);      // du
       slope[t] = ddt;
       if (t < kChunk - 1) store_terms(terms_next, int(k % 2) * kChunk + t + 1);
@@ -706,7 +710,7 @@ __global__ void __launch_bounds__(Lane<G>::kThreads, BWD_MIN_BLOCKS) bwd_main_ke
     if (ln.active) {
       if (ln.half == 0) {
         store8(ln.template out_row<T>(p.du, p.L) + t0, n, u);
-        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L) + t0, n, zf);
+        if (p.has_z) store8(ln.template out_row<T>(p.dz, p.L) + t0, n, z);
       } else {
         store8(ln.template out_row<T>(p.ddelta, p.L) + t0, n, slope);
       }
