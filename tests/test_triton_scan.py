@@ -19,12 +19,14 @@ def _channel_last(x):
 
 
 def _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen,
-            strided=False):
+            strided=False, wide_delta=False):
     def draw(*shape, scale=1.0, shift=0.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
 
     delta = draw(batch, channels, length, scale=0.5, shift=-1.0) if softplus else \
         draw(batch, channels, length).abs() * 0.3
+    if wide_delta:  # every 5th token from -40 to 100: past softplus' threshold of 20, and exp's float32 range
+        delta[..., ::5] = torch.rand(delta[..., ::5].shape, generator=gen, dtype=torch.float64) * 140 - 40
     values = {"u": draw(batch, channels, length), "delta": delta,
               "A": -torch.exp(draw(channels, state, scale=0.5)),
               "B": draw(batch, state, length), "C": draw(batch, state, length),
@@ -77,10 +79,12 @@ def _scan_fn(impl, monkeypatch, target_programs=None):
 
 
 def _check(batch, channels, length, state, dtype, tol, *, with_d=True, with_z=True, with_bias=True,
-           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False, impl="triton"):
+           softplus=True, target_programs=None, seed=0, monkeypatch=None, strided=False, impl="triton",
+           wide_delta=False):
     scan = _scan_fn(impl, monkeypatch, target_programs)
     gen = torch.Generator().manual_seed(seed)
-    ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen, strided)
+    ins = _inputs(batch, channels, length, state, dtype, with_d, with_z, with_bias, softplus, gen, strided,
+                  wide_delta)
     oracle_ins = {k: None if v is None else v.detach().double().cpu().requires_grad_(True)
                   for k, v in ins.items()}
     dout = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)
@@ -125,6 +129,14 @@ def test_fp32_matches_oracle(batch, channels, length, state, target_programs, im
 def test_fp32_without_optional_inputs(impl, monkeypatch):
     _check(2, 12, 517, 16, torch.float32, 1e-4, with_d=False, with_z=False, with_bias=False,
            softplus=False, target_programs=16, seed=1, monkeypatch=monkeypatch, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_softplus_past_its_threshold(impl, monkeypatch):
+    """Deltas where softplus is the identity with slope 1 (above 20; above ~88 its general formula overflows
+    float32 and would give NaN) and deep in its tail, forward and gradients."""
+    _check(1, 6, 1001, 16, torch.float32, 1e-4, target_programs=16, seed=5, monkeypatch=monkeypatch,
+           impl=impl, wide_delta=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

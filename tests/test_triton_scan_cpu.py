@@ -1,6 +1,7 @@
 """The Triton scan's kernels in Triton's interpreter on the CPU (so CI without a GPU checks them): output,
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
-(dB / dC added atomically across blocks) and a length that is no multiple of the chunk. The GPU runs of
+(dB / dC added atomically across blocks), a length that is no multiple of the chunk and deltas on both
+sides of softplus' threshold. The GPU runs of
 the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
 before it compiles anything, its plan gives every pass a group that fits, the CUDA channel ops leave
 shapes past CUDA's grid limit to Triton, and the mixer fuses a branch only where its CUDA kernels run it."""
@@ -21,7 +22,11 @@ def check_scan() -> None:
     def draw(*shape, scale=1.0, shift=0.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
 
-    values = {"u": draw(batch, channels, length), "delta": draw(batch, channels, length, scale=0.5, shift=-1.0),
+    delta = draw(batch, channels, length, scale=0.5, shift=-1.0)
+    # every 5th token far from softplus' usual range: past its threshold of 20 (identity, slope 1; up to 100,
+    # where exp overflows in float32) and down to -40
+    delta[..., ::5] = torch.rand(delta[..., ::5].shape, generator=gen, dtype=torch.float64) * 140 - 40
+    values = {"u": draw(batch, channels, length), "delta": delta,
               "A": -torch.exp(draw(channels, state, scale=0.5)), "B": draw(batch, state, length),
               "C": draw(batch, state, length), "D": draw(channels), "z": draw(batch, channels, length),
               "delta_bias": draw(channels, scale=0.3)}
