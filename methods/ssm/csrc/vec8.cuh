@@ -108,7 +108,7 @@ __device__ __forceinline__ void store8(__nv_bfloat16* q, int n, const float v[kC
   }
 }
 
-// the first n of 4 tokens to q (n <= 0: none)
+// the first min(n, 4) of 4 tokens to q (none where n <= 0)
 __device__ __forceinline__ void store4(float* q, int n, const float v[4]) {
   if (n >= 4 && aligned16(q)) {
     *reinterpret_cast<float4*>(q) = make_float4(v[0], v[1], v[2], v[3]);
