@@ -1,10 +1,10 @@
 """The Triton scan's kernels in Triton's interpreter on the CPU (so CI without a GPU checks them): output,
 last state and every gradient against the float64 oracle, with several segments, two channel blocks
 (dB / dC added atomically across blocks), a length that is no multiple of the chunk and deltas on both
-sides of softplus' threshold. The GPU runs of
-the same kernels are tests/test_triton_scan.py. Also: the CUDA scan's wrapper refuses CPU tensors
-before it compiles anything, its plan gives every pass a group that fits, the CUDA channel ops leave
-shapes past CUDA's grid limit to Triton, and the mixer fuses a branch only where its CUDA kernels run it."""
+sides of softplus' threshold. The GPU runs of the same kernels are tests/test_triton_scan.py. Also: the
+CUDA scan's wrapper refuses CPU tensors before it compiles anything, its plan gives every pass a group
+that fits, the CUDA channel ops leave shapes past CUDA's grid limit to Triton, and the mixer fuses a
+branch only where its CUDA kernels run it."""
 import pytest
 import torch
 
