@@ -343,6 +343,8 @@ struct Span {
   int dir, n;  // n: the chunk's tokens inside the sequence
   __device__ int64_t at(int i) const { return s0 + dir * i; }
   __device__ int64_t lowest() const { return dir > 0 ? s0 : s0 - (kChunk - 1); }  // of a whole chunk
+  // the same tokens counted from the sequence's other end (token t as L - 1 - t)
+  __device__ Span mirrored(int64_t L) const { return Span{L - 1 - s0, -dir, n}; }
 };
 
 // 8 tokens of one channel-first row
@@ -431,8 +433,8 @@ template <typename F>
 __device__ __forceinline__ void for_chunks(const LinParams& p, F&& f) {
   for (int64_t t0 = (int64_t(blockIdx.x) * kLinThreads + threadIdx.x) * kChunk; t0 < p.L;
        t0 += int64_t(gridDim.x) * kLinThreads * kChunk) {
-    const int n = inside(t0, p.L);
-    f(Span{t0, 1, n}, p.reverse ? Span{p.L - 1 - t0, -1, n} : Span{t0, 1, n});
+    const Span sp{t0, 1, inside(t0, p.L)};
+    f(sp, p.reverse ? sp.mirrored(p.L) : sp);
   }
 }
 
@@ -457,7 +459,7 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
         float acc[kChunk];
         map_row(w, o, xv, acc);
         store_row(y + o * p.y_n, sp_t, acc);
-        if (y2) store_row(y2 + o * p.y_n, Span{p.L - 1 - sp_t.s0, -1, sp_t.n}, acc);
+        if (y2) store_row(y2 + o * p.y_n, sp_t.mirrored(p.L), acc);
       }
     } else {  // x row by row into the y tile
       float yv[N][kChunk] = {};
@@ -467,7 +469,7 @@ __global__ void __launch_bounds__(kLinThreads) linear8_fwd_kernel(LinParams p) {
         load_row(x + k * p.x_k, sp_src, xk);
         if (x2) {
           float x2k[kChunk];
-          load_row(x2 + k * p.x2_k, Span{p.L - 1 - sp_t.s0, -1, sp_t.n}, x2k);
+          load_row(x2 + k * p.x2_k, sp_t.mirrored(p.L), x2k);
 #pragma unroll
           for (int i = 0; i < kChunk; ++i) xk[i] += x2k[i];
         }
